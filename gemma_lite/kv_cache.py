@@ -1,0 +1,126 @@
+"""A pre-allocated key/value cache with fixed shapes.
+
+Global layers keep a buffer of ``max_len`` slots indexed by position. Local
+(sliding-window) layers only ever look 512 tokens back, so they keep a ring of
+``window`` slots: position p lives in slot ``p % window``. A 32k-token context
+then costs full-length memory in the 3 global layers only.
+
+Every write is an in-place ``index_copy_`` at tensor positions, so the decode
+step has the same shapes at every step and compiles once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import GemmaConfig
+
+
+class GlobalCache(nn.Module):
+    """Keys and values of every position so far: slot i holds position i."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slot_pos", torch.arange(max_len, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        """Write k, v (B, K, T, D) at positions input_pos (T,).
+
+        Returns all slots (B, K, S, D) twice and their positions (S,). Slots past
+        the newest position hold stale or zero values; the causal mask hides them.
+        """
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v, self.slot_pos
+
+    def rollback(self, length: int) -> None:
+        """Forget positions >= length. Nothing to do: the causal mask hides them."""
+
+
+class RingCache(nn.Module):
+    """The last ``size`` positions of a sliding-window layer, in a ring.
+
+    ``slot_pos[i]`` is the position stored in slot i, or -1 for an empty slot.
+    ``size`` is the window plus ``slack``: the slack keeps a few positions more
+    so that the cache can be rolled back (speculative decoding) without losing
+    keys the window still needs.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, size: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, size, head_dim)
+        self.size = size
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "slot_pos", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False
+        )
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        """Attend over the ring *and* the new keys, then store the newest ones.
+
+        The new keys are appended before the ring is overwritten: with T > 1 new
+        tokens, the earliest of them still need keys that the write evicts.
+        Returns keys, values (B, K, size + T, D) and their positions (size + T,).
+        """
+        keys = torch.cat([self.k, k], dim=2)
+        values = torch.cat([self.v, v], dim=2)
+        key_pos = torch.cat([self.slot_pos, input_pos])
+        n = min(k.shape[2], self.size)  # only the newest `size` tokens can stay
+        newest = input_pos[-n:]
+        slots = newest % self.size
+        self.k.index_copy_(2, slots, k[:, :, -n:])
+        self.v.index_copy_(2, slots, v[:, :, -n:])
+        self.slot_pos.index_copy_(0, slots, newest)
+        return keys, values, key_pos
+
+    def rollback(self, length: int) -> None:
+        """Empty the slots holding positions >= length."""
+        self.slot_pos.masked_fill_(self.slot_pos >= length, -1)
+
+
+class KVCache(nn.Module):
+    """One cache per layer: ``GlobalCache`` for global layers, ``RingCache`` for local ones.
+
+    Memory: global layers 2 * B * K * max_len * D values each, local layers
+    2 * B * K * (window + slack) * D each.
+    """
+
+    def __init__(
+        self,
+        cfg: GemmaConfig,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        slack: int = 0,
+    ):
+        super().__init__()
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(
+                f"max_len={max_len} must be between 1 and the model's context ({cfg.max_seq_len})"
+            )
+        self.max_len = max_len
+        ring = min(cfg.sliding_window + slack, max_len)
+        dims = (cfg.n_kv_heads,)
+        self.layers = nn.ModuleList(
+            GlobalCache(batch, *dims, max_len, cfg.head_dim, dtype, device)
+            if cfg.is_global(i)
+            else RingCache(batch, *dims, ring, cfg.head_dim, dtype, device)
+            for i in range(cfg.n_layers)
+        )
+
+    def rollback(self, length: int) -> None:
+        """Keep positions < length, so that decoding can resume at ``length``."""
+        for layer in self.layers:
+            layer.rollback(length)
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -1,0 +1,193 @@
+"""The building blocks of Gemma 3, each a small module with its tensor shapes.
+
+Shape letters: B batch, T new tokens in this call, S keys attended to,
+C model width (640), H query heads (4), K key/value heads (1), D head dim (256),
+F feed-forward width (2048).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + w)``, computed in fp32.
+
+    The weight is stored as an offset from 1 (zeros mean "no scaling"), and the
+    whole computation runs in fp32 before casting back, as the reference does.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding multiplied by sqrt(C), the scale rounded to the weight dtype.
+
+    In bf16 sqrt(640) = 25.298 becomes 25.25; the reference rounds it the same way.
+    """
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__(vocab_size, dim)
+        self.scale = math.sqrt(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        scale = torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
+        return super().forward(ids) * scale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings with a given base.
+
+    Local layers use base 10,000 and global layers 1,000,000: a larger base turns
+    slower, so far-apart positions stay distinguishable in long contexts.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def inv_freq(self, device=None) -> torch.Tensor:
+        """Angular speed of each of the D/2 rotating pairs: base ** (-2i / D). (D/2,)"""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        return 1.0 / (self.base ** (exponents / self.head_dim))
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions (T,) -> cos, sin, each (T, D), in ``dtype``."""
+        inv_freq = self.inv_freq(positions.device)
+        angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (i, i + D/2) of x by its position's angle. x (B, heads, T, D)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    window: int | None = None,
+    valid_from: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which keys each query may attend to: True = attend.
+
+    query_pos (T,), key_pos (S,) absolute positions; a key position below 0
+    marks an empty cache slot. ``window``: sliding window (a query sees keys
+    less than ``window`` positions back). ``valid_from`` (B,): the first real
+    (non-padding) position of each row in a left-padded batch.
+    Returns (1 or B, 1, T, S).
+    """
+    q = query_pos[:, None]  # (T, 1)
+    k = key_pos[None, :]  # (1, S)
+    allowed = (k <= q) & (k >= 0)  # causal, and only filled slots
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if valid_from is not None:
+        real_key = k[None, None] >= valid_from[:, None, None, None]  # (B, 1, 1, S)
+        # a padding query keeps its own key so that its (ignored) row stays finite
+        allowed = allowed & (real_key | (k == q)[None, None])
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with QK-norm, RoPE, and an optional sliding window."""
+
+    def __init__(self, cfg: GemmaConfig, is_global: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = None if is_global else cfg.sliding_window
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (T, D)
+        input_pos: torch.Tensor,  # (T,)
+        cache=None,  # a kv_cache layer cache, or None to attend within x only
+        valid_from: torch.Tensor | None = None,  # (B,)
+    ) -> torch.Tensor:  # (B, T, C)
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if cache is None:
+            keys, values, key_pos = k, v, input_pos
+        else:
+            keys, values, key_pos = cache.update(k, v, input_pos)  # (B, K, S, D), ..., (S,)
+        mask = attention_mask(input_pos, key_pos, self.window, valid_from)  # (B|1, 1, T, S)
+
+        # The G = H / K query heads that share one key/value head are stacked as
+        # G*T rows against that head: no copy of the keys, one matmul per group.
+        G = H // K
+        q = q.reshape(B, K, G * T, D)
+        mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+        return self.o_proj(out)
+
+
+class GeGLU(nn.Module):
+    """Gated feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One transformer layer with Gemma's four "sandwich" norms.
+
+    x = x + post_attn_norm(attn(attn_norm(x)))
+    x = x + post_ffn_norm(ffn(ffn_norm(x)))
+    """
+
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        super().__init__()
+        self.kind = "global" if cfg.is_global(layer) else "local"
+        eps = cfg.rms_norm_eps
+        self.attn_norm = RMSNorm(cfg.d_model, eps)
+        self.attn = Attention(cfg, is_global=self.kind == "global")
+        self.post_attn_norm = RMSNorm(cfg.d_model, eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps)
+        self.ffn = GeGLU(cfg.d_model, cfg.d_ff)
+        self.post_ffn_norm = RMSNorm(cfg.d_model, eps)
+
+    def forward(self, x, rope, input_pos, cache=None, valid_from=None):  # (B, T, C) -> (B, T, C)
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from))
+        return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))
