@@ -1,0 +1,81 @@
+"""Command line: ``python -m gemma_lite {generate,bench,memory,fetch} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="bundled", help="bundled | path.gguf | HF directory | hub repo id")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: best available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU)")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import load
+    from .generate import Generator, Sampling
+
+    Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # fail before loading
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.source, args.device, args.dtype, progress=not args.quiet)
+    gen = Generator(model, tokenizer, use_cache=not args.no_cache, compile=args.compile)
+    stream = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+    result = gen(
+        args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=args.stop, on_text=stream,
+    )
+    print(("" if args.stream else args.prompt + result.text[0]))
+    if not args.quiet:
+        print(f"[{result.new_tokens} tokens, prefill {result.prefill_s:.2f}s, "
+              f"decode {result.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .weights import bundled_gguf_path
+
+    print(bundled_gguf_path())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gemma_lite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=32)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--quiet", "-q", action="store_true")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("fetch", help="assemble and checksum the bundled weights; print their path")
+    f.set_defaults(func=cmd_fetch)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

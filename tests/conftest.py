@@ -1,0 +1,43 @@
+"""Shared fixtures: the real model (loaded once per session) and the HF reference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import gemma_lite
+from gemma_lite.weights import bundled_gguf_path
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    return bundled_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def real():
+    """(model, tokenizer) from the bundled weights, fp32 on CPU."""
+    return gemma_lite.load("bundled", device="cpu", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """transformers' Gemma3ForCausalLM from the same GGUF: the reference implementation."""
+    transformers = pytest.importorskip("transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
