@@ -256,9 +256,28 @@ def config_from_hf(path: Path) -> GemmaConfig:
     if "sliding_attention" in rope:
         values["rope_local_base"] = rope["sliding_attention"]["rope_theta"]
     pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
-    if pattern:
+    if hf.get("layer_types"):  # the explicit list wins: transformers writes a stale "_sliding_window_pattern"
+        values["global_every"] = global_every_from_layer_types(hf["layer_types"], file)
+    elif pattern:
         values["global_every"] = pattern
     return GemmaConfig(**values)
+
+
+def global_every_from_layer_types(layer_types: list[str], where: Path) -> int:
+    """HF's per-layer list ("sliding_attention" / "full_attention") -> our ``global_every``.
+
+    ["sliding_attention"] * 5 + ["full_attention"] repeated gives 6. Only that
+    regular pattern (one global layer every N) can be expressed by GemmaConfig.
+    """
+    n = len(layer_types)
+    every = layer_types.index("full_attention") + 1 if "full_attention" in layer_types else n + 1
+    regular = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    if layer_types != regular:
+        raise WeightsError(
+            f"{where}: layer_types {layer_types} is not one full_attention layer every N layers, "
+            "the only pattern gemma_lite supports"
+        )
+    return every
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -332,7 +351,8 @@ def save_pretrained(model: Gemma, tokenizer, path: str | Path, max_shard_bytes: 
         "sliding_window": cfg.sliding_window,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        # transformers' config checks types strictly: an integral 256.0 must be written 256
+        "query_pre_attn_scalar": int(q) if (q := cfg.query_pre_attn_scalar) == int(q) else q,
         "rope_theta": cfg.rope_global_base,
         "rope_local_base_freq": cfg.rope_local_base,
         "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)],

@@ -26,8 +26,28 @@ def real():
 
 
 @pytest.fixture(scope="session")
+def tokenizer(gguf_path):
+    """Our tokenizer rebuilt from the GGUF vocabulary, without loading the weights."""
+    from gemma_lite.gguf_file import GGUFFile
+    from gemma_lite.tokenizer import GemmaTokenizer
+
+    return GemmaTokenizer.from_gguf(GGUFFile(gguf_path).metadata)
+
+
+@pytest.fixture(scope="session")
+def real_hf_dir(real, tmp_path_factory):
+    """The real model and tokenizer written as a Hugging Face directory (one safetensors file)."""
+    from gemma_lite.weights import save_pretrained
+
+    return save_pretrained(*real, tmp_path_factory.mktemp("gemma-hf"))
+
+
+@pytest.fixture(scope="session")
 def hf_model(gguf_path):
-    """transformers' Gemma3ForCausalLM from the same GGUF: the reference implementation."""
+    """transformers' Gemma3ForCausalLM from the same GGUF: the reference implementation.
+
+    It runs with transformers' default attention ("sdpa"), sliding window included.
+    """
     transformers = pytest.importorskip("transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
