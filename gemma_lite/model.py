@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig
+from .kernels import linear
 from .kv_cache import KVCache
 from .layers import Block, RMSNorm, RotaryEmbedding, ScaledEmbedding
 
@@ -30,6 +31,7 @@ class Gemma(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.head_gemv = False  # set by fast.optimize_for_decode
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +78,7 @@ class Gemma(nn.Module):
 
     def output_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied head: logits = x @ E^T with the embedding matrix E (V, C)."""
-        return torch.nn.functional.linear(x, self.tok_embed.weight)  # (B, T, V)
+        return linear(x, self.tok_embed.weight, self.head_gemv)  # (B, T, V)
 
     def _check_inputs(self, input_ids, input_pos, cache) -> None:
         if input_ids.dim() != 2:

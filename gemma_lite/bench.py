@@ -1,0 +1,246 @@
+"""Timing and memory measurement; the ``python -m gemma_lite bench`` command.
+
+Four ways to generate, as in the source article's table:
+
+=================  ========================================================
+regular            no cache: every step re-runs the whole sequence (eager)
+regular-compiled   the same, with ``torch.compile`` (dynamic sequence length)
+kv                 static KV cache: prefill once, then one token per step
+kv-compiled        KV cache + compiled one-token decode step (fixed shapes)
+=================  ========================================================
+
+``--compare-hf`` adds HF transformers' ``generate`` on the same weights
+(dynamic cache, and static cache + torch.compile) in the same process, and
+prints our speed as a ratio of HF's best mode for each dtype.
+
+Timing done right: a warm-up call first (which also compiles), device sync,
+only generated tokens counted, the median of ``runs`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .generate import Generator, _sync
+
+MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
+HF_MODES = ("hf-dynamic", "hf-static-compiled")
+DEFAULT_PROMPT = "The capital of France is"
+
+
+@dataclass
+class BenchRow:
+    mode: str
+    dtype: str
+    device: str
+    new_tokens: int
+    decode_tok_s: float
+    prefill_tok_s: float
+    compile_s: float
+    peak_mem_mb: float
+    torch: str
+    machine: str
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """A one-line description of the hardware: CPU model and threads, or the GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def resident_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or sampled resident memory."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval, self.peak_mb = device, interval, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._stop = threading.Event()
+        self.peak_mb = resident_mb()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.peak_mb = max(self.peak_mb, resident_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, resident_mb())
+
+
+def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak) -> BenchRow:
+    return BenchRow(
+        mode=mode, dtype=str(model_dtype).removeprefix("torch."), device=str(device),
+        new_tokens=new_tokens, decode_tok_s=round(decode, 2), prefill_tok_s=round(prefill, 1),
+        compile_s=round(compile_s, 1), peak_mem_mb=round(peak, 1), torch=torch.__version__,
+        machine=machine_name(device),
+    )
+
+
+def bench_ours(model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT,
+               runs: int = 3, generators: dict | None = None) -> BenchRow:
+    """Time one of MODES. ``generators`` keeps compiled generators between calls."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
+    generators = {} if generators is None else generators
+    fresh = mode not in generators
+    gen = generators.setdefault(
+        mode, Generator(model, tokenizer, use_cache=mode.startswith("kv"), compile=mode.endswith("compiled"))
+    )
+    with PeakMemory(model.device) as mem:
+        start = time.perf_counter()
+        warm = gen(prompt, min(new_tokens, 8), stop_at_eos=False)  # warm-up, compiles on first use
+        warm_s = time.perf_counter() - start
+        results = [gen(prompt, new_tokens, stop_at_eos=False) for _ in range(runs)]
+    decode = statistics.median(r.decode_tok_s for r in results)
+    prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
+    # compile time: the warm-up's excess over a normal call of the same length
+    typical = warm.prefill_s + sum(results[0].step_times[: len(warm.step_times)])
+    compile_s = max(0.0, warm_s - typical) if fresh and mode.endswith("compiled") else 0.0
+    return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, mem.peak_mb)
+
+
+def load_hf_reference(dtype: torch.dtype, device: torch.device):
+    """HF transformers' Gemma3ForCausalLM on the bundled GGUF (the reference)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("--compare-hf needs HF transformers: pip install transformers accelerate") from e
+    from .weights import bundled_gguf_path
+
+    path = bundled_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def bench_hf(hf_model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT,
+             runs: int = 3) -> BenchRow:
+    """Time HF ``generate``: decode speed = (N - 1) / (time for N tokens - time for 1 token)."""
+    if mode not in HF_MODES:
+        raise ValueError(f"unknown HF mode '{mode}'; choose from {', '.join(HF_MODES)}")
+    device = hf_model.device
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    options = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_id)
+    compile_s = 0.0
+    if mode == "hf-static-compiled":
+        options["cache_implementation"] = "static"
+        if not hasattr(hf_model, "_gemma_lite_eager_forward"):
+            hf_model._gemma_lite_eager_forward = hf_model.forward
+        hf_model.forward = torch.compile(hf_model._gemma_lite_eager_forward, mode="default")
+    else:
+        hf_model.forward = getattr(hf_model, "_gemma_lite_eager_forward", hf_model.forward)
+
+    def timed(n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf_model.generate(ids, max_new_tokens=n, **{**options, "min_new_tokens": n})
+        _sync(device)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    with PeakMemory(device) as mem:
+        first = timed(min(new_tokens, 8))
+        typical = timed(min(new_tokens, 8))
+        compile_s = max(0.0, first - typical) if mode.endswith("compiled") else 0.0
+        one = statistics.median(timed(1) for _ in range(runs))
+        full = statistics.median(timed(new_tokens) for _ in range(runs))
+    decode = (new_tokens - 1) / (full - one) if new_tokens > 1 else float("nan")
+    return _row(mode, hf_model.dtype, device, new_tokens, decode, ids.shape[1] / one, compile_s, mem.peak_mb)
+
+
+def run_benchmark(
+    model_for: Callable[[torch.dtype], tuple],
+    modes: Sequence[str] = MODES,
+    dtypes: Sequence[torch.dtype] = (torch.float32,),
+    new_tokens: Sequence[int] = (128,),
+    compare_hf: bool = False,
+    runs: int = 3,
+    prompt: str = DEFAULT_PROMPT,
+    on_row: Callable[[BenchRow], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[BenchRow]:
+    """Every (dtype, length, mode) combination; ``model_for(dtype)`` gives (model, tokenizer).
+
+    ``on_row`` is called as each row is ready (progress, live plots);
+    ``should_stop`` is polled between rows (a stop button).
+    """
+    rows: list[BenchRow] = []
+    for dtype in dtypes:
+        model, tokenizer = model_for(dtype)
+        generators: dict = {}
+        hf_model = load_hf_reference(dtype, model.device) if compare_hf else None
+        for n in new_tokens:
+            jobs = [(m, False) for m in modes] + [(m, True) for m in (HF_MODES if compare_hf else ())]
+            for mode, is_hf in jobs:
+                if should_stop is not None and should_stop():
+                    return rows
+                row = (bench_hf(hf_model, tokenizer, mode, n, prompt, runs) if is_hf
+                       else bench_ours(model, tokenizer, mode, n, prompt, runs, generators))
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+        del model, hf_model, generators
+    return rows
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A fixed-width table; with HF rows, each row's speed as a multiple of HF's best."""
+    hf_best: dict[tuple[str, int], float] = {}
+    for r in rows:
+        if r.mode.startswith("hf-"):
+            key = (r.dtype, r.new_tokens)
+            hf_best[key] = max(hf_best.get(key, 0.0), r.decode_tok_s)
+    head = f"{'mode':<19}{'dtype':<10}{'new tok':>8}{'decode tok/s':>14}{'prefill tok/s':>15}" \
+           f"{'compile s':>11}{'peak MB':>9}"
+    lines = [head + ("   vs HF best" if hf_best else ""), "-" * (len(head) + (13 if hf_best else 0))]
+    for r in rows:
+        line = (f"{r.mode:<19}{r.dtype:<10}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}{r.prefill_tok_s:>15.1f}"
+                f"{r.compile_s:>11.1f}{r.peak_mem_mb:>9.0f}")
+        best = hf_best.get((r.dtype, r.new_tokens))
+        if best:
+            line += f"{r.decode_tok_s / best:>12.2f}x"
+        lines.append(line)
+    if rows:
+        lines.append(f"machine: {rows[0].machine} | torch {rows[0].torch} | device {rows[0].device}")
+    return "\n".join(lines)
+
+
+def write_json(rows: Sequence[BenchRow], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=2)
