@@ -66,10 +66,12 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.base ** (exponents / self.head_dim))
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions (T,) -> cos, sin, each (T, D), in ``dtype``."""
+        """positions (T,) or per row (B, T) -> cos, sin, each (T, D) or (B, 1, T, D)."""
         inv_freq = self.inv_freq(positions.device)
-        angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+        angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (..., T, D)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, D): the same rotation for every head
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

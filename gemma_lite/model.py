@@ -67,7 +67,10 @@ class Gemma(nn.Module):
             self._check_inputs(input_ids, input_pos, cache)
 
         x = self.tok_embed(input_ids)  # (B, T, C)
-        rope = {kind: self.rope[kind](input_pos, x.dtype) for kind in ("local", "global")}
+        # Positions index cache slots; RoPE counts from each row's first real token,
+        # so a left-padded prompt is rotated exactly as it would be on its own.
+        rope_pos = input_pos if valid_from is None else (input_pos[None] - valid_from[:, None]).clamp(min=0)
+        rope = {kind: self.rope[kind](rope_pos, x.dtype) for kind in ("local", "global")}
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             x = block(x, rope[block.kind], input_pos, layer_cache, valid_from)

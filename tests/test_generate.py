@@ -1,0 +1,182 @@
+"""Sampling rules, the decode loop's options, and parity of generated text with HF transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import max_abs_diff
+
+from gemma_lite import Gemma, GemmaConfig
+from gemma_lite.generate import Generator, Sampling, apply_repetition_penalty, filter_logits, generate
+
+
+class CharTokenizer:
+    """Ids 0-2 are <pad>, <eos>, <bos>; id 3 + k is the k-th printable ASCII character."""
+
+    pad_id, eos_id, bos_id = 0, 1, 2
+
+    def encode(self, text, add_bos=True):
+        return [self.bos_id] * add_bos + [3 + (ord(c) - 32) % 95 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(32 + i - 3) for i in ids if i >= 3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Gemma(GemmaConfig.tiny(vocab_size=98)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model, CharTokenizer()
+
+
+# ---------------------------------------------------------------- sampling rules
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    ],
+)
+def test_invalid_sampling_values_raise_clear_errors(tiny, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        Generator(*tiny)("hi", 4, **kwargs)
+
+
+def test_invalid_lengths_raise_clear_errors(tiny):
+    gen = Generator(*tiny)
+    context = tiny[0].cfg.max_seq_len
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        gen("x" * (context - 5), 10)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        gen("hi", 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen([[]], 3)
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = lambda out: (out > float("-inf")).nonzero()[:, 1].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2, top_p=None)) == [0, 1]
+    probs = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, ...
+    assert kept(filter_logits(logits, None, top_p=float(probs[0]) - 0.01)) == [0]
+    assert kept(filter_logits(logits, None, top_p=float(probs[0] + probs[1]) - 0.01)) == [0, 1]
+    assert kept(filter_logits(logits, None, top_p=1.0)) == [0, 1, 2, 3, 4]
+    shuffled = logits[:, [3, 0, 4, 1, 2]]  # order must not matter
+    assert kept(filter_logits(shuffled, top_k=2, top_p=0.99)) == [1, 3]
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(2, 50)
+    seen = torch.randint(0, 50, (2, 12))
+    reference = transformers.RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    ours = apply_repetition_penalty(logits, list(seen), 1.3)
+    assert max_abs_diff(reference, ours) == 0
+
+
+# ---------------------------------------------------------------- the loop
+
+def test_seeded_sampling_is_reproducible(tiny):
+    gen = Generator(*tiny)
+    options = dict(temperature=1.0, top_k=20, top_p=0.95, seed=123, stop_at_eos=False)
+    first, again = gen("abc", 24, **options), gen("abc", 24, **options)
+    other = gen("abc", 24, **{**options, "seed": 7})
+    assert first.new_ids == again.new_ids
+    assert first.new_ids != other.new_ids
+    greedy = gen("abc", 24, stop_at_eos=False)
+    assert greedy.new_ids == gen("abc", 24, top_k=5, stop_at_eos=False).new_ids  # top_k alone keeps greedy
+
+
+def test_stop_ids_and_stop_strings(tiny):
+    gen = Generator(*tiny)
+    free = gen("abc", 30, stop_at_eos=False)
+    first = free.new_ids[0][5]
+    stopped = gen("abc", 30, stop=[first], stop_at_eos=False)
+    assert stopped.new_ids[0] == free.new_ids[0][: free.new_ids[0].index(first)]
+    text = free.text[0]
+    marker = text[8:10]
+    cut = gen("abc", 30, stop=[marker], stop_at_eos=False)
+    assert cut.text[0] == text[: text.index(marker)]
+
+
+def test_streaming_pieces_add_up_to_the_text(tiny):
+    pieces = []
+    result = Generator(*tiny)("abc", 20, stop_at_eos=False, on_text=pieces.append)
+    assert len(pieces) > 1
+    assert "".join(pieces) == result.text[0]
+
+
+def test_should_stop_interrupts(tiny):
+    calls = []
+    result = Generator(*tiny)("abc", 50, stop_at_eos=False, should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert len(result.new_ids[0]) == 3
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batch_of_different_lengths_equals_one_by_one(tiny, use_cache):
+    gen = Generator(*tiny, use_cache=use_cache)
+    prompts = ["a", "hello there", "four"]
+    batch = gen(prompts, 15, stop_at_eos=False)
+    for i, prompt in enumerate(prompts):
+        assert batch.new_ids[i] == gen(prompt, 15, stop_at_eos=False).new_ids[0], prompt
+
+
+def test_generate_returns_text_for_text(tiny):
+    assert isinstance(generate(*tiny, "abc", 5), str)
+    assert len(generate(*tiny, ["abc", "de"], 5)) == 2
+
+
+# ---------------------------------------------------------------- the real model vs HF
+
+@pytest.mark.slow
+def test_greedy_200_tokens_after_a_long_prompt_match_transformers(real, hf_model):
+    """A 600-token prompt (past the 512 window), 200 greedy tokens: identical ids."""
+    model, tokenizer = real
+    text = ("In 1865, the city council met to discuss the new bridge over the river. " * 60)
+    prompt = tokenizer.encode(text)[:600]
+    ours = Generator(model, tokenizer)(prompt, 200, stop_at_eos=False).new_ids[0]
+    with torch.inference_mode():
+        hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=200, min_new_tokens=200,
+                               do_sample=False, pad_token_id=0)
+    assert ours == hf[0, 600:].tolist()
+
+
+@pytest.mark.slow
+def test_real_batch_matches_single_prompts(real):
+    model, tokenizer = real
+    prompts = ["The capital of France is", "Semut adalah serangga yang hidup dalam koloni, dan"]
+    gen = Generator(model, tokenizer)
+    batch = gen(prompts, 16)
+    for i, p in enumerate(prompts):
+        assert batch.new_ids[i] == gen(p, 16).new_ids[0]
+
+
+@pytest.mark.slow
+def test_bf16_generation_peak_memory_under_1gb():
+    """A whole bf16 generation (load + 64 tokens with the KV cache), in a fresh process."""
+    import subprocess
+    import sys
+
+    from helpers import python_env
+
+    code = (
+        "import gemma_lite\n"
+        "from gemma_lite.generate import Generator\n"
+        "m, t = gemma_lite.load(dtype='bfloat16', device='cpu', progress=False)\n"
+        "Generator(m, t)('The capital of France is', 64)\n"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), check=True)
+    peak_kib = int(out.stdout.strip().splitlines()[-1])
+    print(f"bf16 generation peak: {peak_kib / 1024:.0f} MiB")
+    assert peak_kib * 1024 < 1e9
