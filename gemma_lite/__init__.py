@@ -1,8 +1,8 @@
 """gemma_lite: Gemma 3 270M from scratch, small enough to read in an afternoon.
 
-    model, tokenizer = gemma_lite.load()            # bundled weights, best device
-    ids = torch.tensor([tokenizer.encode("Hello")])
-    logits = model(ids)                             # (1, T, 262144)
+model, tokenizer = gemma_lite.load()            # bundled weights, best device
+ids = torch.tensor([tokenizer.encode("Hello")])
+logits = model(ids)                             # (1, T, 262144)
 """
 
 from .config import GemmaConfig

@@ -27,14 +27,23 @@ def cmd_generate(args) -> int:
     if args.stream:
         print(args.prompt, end="", flush=True)
     result = gen(
-        args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=args.stop, on_text=stream,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        on_text=stream,
     )
-    print(("" if args.stream else args.prompt + result.text[0]))
+    print("" if args.stream else args.prompt + result.text[0])
     if not args.quiet:
-        print(f"[{result.new_tokens} tokens, prefill {result.prefill_s:.2f}s, "
-              f"decode {result.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+        print(
+            f"[{result.new_tokens} tokens, prefill {result.prefill_s:.2f}s, "
+            f"decode {result.decode_tok_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -62,14 +71,20 @@ def cmd_bench(args) -> int:
         return model, tokenizer
 
     def show(row):
-        print(f"  {row.mode:<19} {row.dtype:<9} {row.new_tokens:>5} tokens: "
-              f"{row.decode_tok_s:7.1f} tok/s", file=sys.stderr, flush=True)
+        print(
+            f"  {row.mode:<19} {row.dtype:<9} {row.new_tokens:>5} tokens: {row.decode_tok_s:7.1f} tok/s",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    rows = run_benchmark(model_for, args.modes, dtypes, args.new_tokens, args.compare_hf, args.runs,
-                         args.prompt, on_row=show)
+    rows = run_benchmark(
+        model_for, args.modes, dtypes, args.new_tokens, args.compare_hf, args.runs, args.prompt, on_row=show
+    )
     print(format_table(rows))
-    print("decode kernels (measured, see gemma_lite/fast.py): "
-          + ", ".join(f"{k.removeprefix('torch.')}: {v}" for k, v in kernels.items()))
+    print(
+        "decode kernels (measured, see gemma_lite/fast.py): "
+        + ", ".join(f"{k.removeprefix('torch.')}: {v}" for k, v in kernels.items())
+    )
     if args.json:
         write_json(rows, args.json)
         print(f"rows written to {args.json}")

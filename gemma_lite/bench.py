@@ -105,15 +105,28 @@ class PeakMemory:
 
 def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak) -> BenchRow:
     return BenchRow(
-        mode=mode, dtype=str(model_dtype).removeprefix("torch."), device=str(device),
-        new_tokens=new_tokens, decode_tok_s=round(decode, 2), prefill_tok_s=round(prefill, 1),
-        compile_s=round(compile_s, 1), peak_mem_mb=round(peak, 1), torch=torch.__version__,
+        mode=mode,
+        dtype=str(model_dtype).removeprefix("torch."),
+        device=str(device),
+        new_tokens=new_tokens,
+        decode_tok_s=round(decode, 2),
+        prefill_tok_s=round(prefill, 1),
+        compile_s=round(compile_s, 1),
+        peak_mem_mb=round(peak, 1),
+        torch=torch.__version__,
         machine=machine_name(device),
     )
 
 
-def bench_ours(model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT,
-               runs: int = 3, generators: dict | None = None) -> BenchRow:
+def bench_ours(
+    model,
+    tokenizer,
+    mode: str,
+    new_tokens: int,
+    prompt: str = DEFAULT_PROMPT,
+    runs: int = 3,
+    generators: dict | None = None,
+) -> BenchRow:
     """Time one of MODES. ``generators`` keeps compiled generators between calls."""
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
@@ -148,8 +161,9 @@ def load_hf_reference(dtype: torch.dtype, device: torch.device):
     return model.to(device).eval()
 
 
-def bench_hf(hf_model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT,
-             runs: int = 3) -> BenchRow:
+def bench_hf(
+    hf_model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT, runs: int = 3
+) -> BenchRow:
     """Time HF ``generate``: decode speed = (N - 1) / (time for N tokens - time for 1 token)."""
     if mode not in HF_MODES:
         raise ValueError(f"unknown HF mode '{mode}'; choose from {', '.join(HF_MODES)}")
@@ -209,8 +223,11 @@ def run_benchmark(
             for mode, is_hf in jobs:
                 if should_stop is not None and should_stop():
                     return rows
-                row = (bench_hf(hf_model, tokenizer, mode, n, prompt, runs) if is_hf
-                       else bench_ours(model, tokenizer, mode, n, prompt, runs, generators))
+                row = (
+                    bench_hf(hf_model, tokenizer, mode, n, prompt, runs)
+                    if is_hf
+                    else bench_ours(model, tokenizer, mode, n, prompt, runs, generators)
+                )
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -225,12 +242,16 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         if r.mode.startswith("hf-"):
             key = (r.dtype, r.new_tokens)
             hf_best[key] = max(hf_best.get(key, 0.0), r.decode_tok_s)
-    head = f"{'mode':<19}{'dtype':<10}{'new tok':>8}{'decode tok/s':>14}{'prefill tok/s':>15}" \
-           f"{'compile s':>11}{'peak MB':>9}"
+    head = (
+        f"{'mode':<19}{'dtype':<10}{'new tok':>8}{'decode tok/s':>14}{'prefill tok/s':>15}"
+        f"{'compile s':>11}{'peak MB':>9}"
+    )
     lines = [head + ("   vs HF best" if hf_best else ""), "-" * (len(head) + (13 if hf_best else 0))]
     for r in rows:
-        line = (f"{r.mode:<19}{r.dtype:<10}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}{r.prefill_tok_s:>15.1f}"
-                f"{r.compile_s:>11.1f}{r.peak_mem_mb:>9.0f}")
+        line = (
+            f"{r.mode:<19}{r.dtype:<10}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}{r.prefill_tok_s:>15.1f}"
+            f"{r.compile_s:>11.1f}{r.peak_mem_mb:>9.0f}"
+        )
         best = hf_best.get((r.dtype, r.new_tokens))
         if best:
             line += f"{r.decode_tok_s / best:>12.2f}x"

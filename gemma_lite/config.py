@@ -34,9 +34,7 @@ class GemmaConfig:
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "sliding_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -55,8 +53,16 @@ class GemmaConfig:
         Its window is 8 tokens, so a 40-token test prompt already runs well past it.
         """
         small = dict(
-            vocab_size=512, d_model=64, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=16,
-            d_ff=128, sliding_window=8, global_every=3, max_seq_len=256,
+            vocab_size=512,
+            d_model=64,
+            n_layers=6,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            d_ff=128,
+            sliding_window=8,
+            global_every=3,
+            max_seq_len=256,
         )
         return cls(**{**small, **overrides})
 

@@ -70,10 +70,9 @@ def set_embedding_layout(model: Gemma, column_major: bool) -> None:
 
 def use_gemv(model: Gemma, enabled: bool = True) -> None:
     """Swap every linear layer for ``GemvLinear`` (or back), and the head too."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear) and type(child) in (nn.Linear, GemvLinear):
-                child.__class__ = GemvLinear if enabled else nn.Linear
+    for module in model.modules():
+        if type(module) in (nn.Linear, GemvLinear):
+            module.__class__ = GemvLinear if enabled else nn.Linear
     model.head_gemv = enabled
 
 

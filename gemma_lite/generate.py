@@ -21,8 +21,8 @@ import torch
 from .kv_cache import KVCache
 from .model import Gemma
 
-
 # ---------------------------------------------------------------- sampling
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -81,7 +81,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 def next_token(
-    logits: torch.Tensor, sampling: Sampling, rng: torch.Generator | None = None,
+    logits: torch.Tensor,
+    sampling: Sampling,
+    rng: torch.Generator | None = None,
     seen: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Choose one token per row. logits (B, V) -> (B,) token ids."""
@@ -95,6 +97,7 @@ def next_token(
 
 
 # ---------------------------------------------------------------- the loop
+
 
 @dataclass
 class Generation:
@@ -119,8 +122,13 @@ class Generation:
         return steps * len(self.text) / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def decode_one(model: Gemma, token: torch.Tensor, input_pos: torch.Tensor, cache: KVCache,
-               valid_from: torch.Tensor | None) -> torch.Tensor:
+def decode_one(
+    model: Gemma,
+    token: torch.Tensor,
+    input_pos: torch.Tensor,
+    cache: KVCache,
+    valid_from: torch.Tensor | None,
+) -> torch.Tensor:
     """One decode step: token (B, 1) at position input_pos (1,) -> logits (B, V)."""
     return model(token, input_pos, cache, valid_from)[:, -1]
 
@@ -139,8 +147,15 @@ class Generator:
     mode of chapter 9); compile=True compiles the step function.
     """
 
-    def __init__(self, model: Gemma, tokenizer, *, use_cache: bool = True, compile: bool = False,
-                 compile_mode: str | None = None):
+    def __init__(
+        self,
+        model: Gemma,
+        tokenizer,
+        *,
+        use_cache: bool = True,
+        compile: bool = False,
+        compile_mode: str | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.use_cache, self.compile = use_cache, compile
         self.device = model.device
@@ -166,7 +181,9 @@ class Generator:
         if not self.compile:
             return decode_one
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(decode_one, fullgraph=True, dynamic=False, mode=self.compile_mode)
+            self._compiled_step = torch.compile(
+                decode_one, fullgraph=True, dynamic=False, mode=self.compile_mode
+            )
         return self._compiled_step
 
     def forward_fn(self) -> Callable:
@@ -226,12 +243,14 @@ class Generator:
                 f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {context} tokens; shorten the prompt or ask for at most {context - T} new tokens"
             )
-        stop_ids = {s for s in stop if isinstance(s, int)} | ({self.tokenizer.eos_id} if stop_at_eos else set())
+        stop_ids = {s for s in stop if isinstance(s, int)} | (
+            {self.tokenizer.eos_id} if stop_at_eos else set()
+        )
         stop_texts = [s for s in stop if isinstance(s, str)]
         rng = None
         if seed is not None:
             rng = torch.Generator(device=self.device).manual_seed(seed)
-        seen = [ids[b, T - n:] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
+        seen = [ids[b, T - n :] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
 
         out = Generation(text=[""] * B, new_ids=[[] for _ in range(B)], prompt_tokens=lengths)
         done = [False] * B
@@ -242,7 +261,9 @@ class Generator:
         t0 = time.perf_counter()
         if self.use_cache:
             cache = self.cache_for(B, T + max_new_tokens)
-            logits = self.model(ids, torch.arange(T, device=self.device), cache, valid_from, last_only=True)[:, -1]
+            logits = self.model(ids, torch.arange(T, device=self.device), cache, valid_from, last_only=True)[
+                :, -1
+            ]
         else:
             logits = self.forward_fn()(ids, valid_from=valid_from, last_only=True)[:, -1]
         token = next_token(logits, sampling, rng, seen)
@@ -271,7 +292,7 @@ class Generator:
                 if b == 0 and on_text is not None:
                     stable = text.rstrip("\ufffd")  # hold back a half-decoded UTF-8 character
                     if len(stable) > len(streamed) and stable.startswith(streamed):
-                        on_text(stable[len(streamed):])
+                        on_text(stable[len(streamed) :])
                         streamed = stable
             if all(done) or i == max_new_tokens - 1 or (should_stop is not None and should_stop()):
                 break
@@ -280,7 +301,9 @@ class Generator:
             t_step = time.perf_counter()
             pos = T + i
             if self.use_cache:
-                logits = step(self.model, token[:, None], torch.tensor([pos], device=self.device), cache, valid_from)
+                logits = step(
+                    self.model, token[:, None], torch.tensor([pos], device=self.device), cache, valid_from
+                )
             else:
                 seq = torch.cat([seq, token[:, None]], dim=1)
                 logits = self.forward_fn()(seq, valid_from=valid_from, last_only=True)[:, -1]
@@ -291,7 +314,7 @@ class Generator:
         if not watch_text:
             out.text = [self.tokenizer.decode(new) for new in out.new_ids]
         if on_text is not None and len(out.text[0]) > len(streamed) and out.text[0].startswith(streamed):
-            on_text(out.text[0][len(streamed):])
+            on_text(out.text[0][len(streamed) :])
         return out
 
 

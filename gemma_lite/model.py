@@ -47,9 +47,7 @@ class Gemma(nn.Module):
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, slack: int = 0) -> KVCache:
         """A cache on the model's device and dtype, for up to ``max_len`` positions."""
-        return KVCache(
-            self.cfg, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device, slack=slack
-        )
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device, slack=slack)
 
     def forward(
         self,

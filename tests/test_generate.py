@@ -34,6 +34,7 @@ def tiny():
 
 # ---------------------------------------------------------------- sampling rules
 
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -86,6 +87,7 @@ def test_repetition_penalty_matches_transformers():
 
 # ---------------------------------------------------------------- the loop
 
+
 def test_seeded_sampling_is_reproducible(tiny):
     gen = Generator(*tiny)
     options = dict(temperature=1.0, top_k=20, top_p=0.95, seed=123, stop_at_eos=False)
@@ -118,7 +120,9 @@ def test_streaming_pieces_add_up_to_the_text(tiny):
 
 def test_should_stop_interrupts(tiny):
     calls = []
-    result = Generator(*tiny)("abc", 50, stop_at_eos=False, should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    result = Generator(*tiny)(
+        "abc", 50, stop_at_eos=False, should_stop=lambda: calls.append(1) or len(calls) >= 3
+    )
     assert len(result.new_ids[0]) == 3
 
 
@@ -138,16 +142,18 @@ def test_generate_returns_text_for_text(tiny):
 
 # ---------------------------------------------------------------- the real model vs HF
 
+
 @pytest.mark.slow
 def test_greedy_200_tokens_after_a_long_prompt_match_transformers(real, hf_model):
     """A 600-token prompt (past the 512 window), 200 greedy tokens: identical ids."""
     model, tokenizer = real
-    text = ("In 1865, the city council met to discuss the new bridge over the river. " * 60)
+    text = "In 1865, the city council met to discuss the new bridge over the river. " * 60
     prompt = tokenizer.encode(text)[:600]
     ours = Generator(model, tokenizer)(prompt, 200, stop_at_eos=False).new_ids[0]
     with torch.inference_mode():
-        hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=200, min_new_tokens=200,
-                               do_sample=False, pad_token_id=0)
+        hf = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=200, min_new_tokens=200, do_sample=False, pad_token_id=0
+        )
     assert ours == hf[0, 600:].tolist()
 
 
@@ -176,7 +182,9 @@ def test_bf16_generation_peak_memory_under_1gb():
         "Generator(m, t)('The capital of France is', 64)\n"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), check=True
+    )
     peak_kib = int(out.stdout.strip().splitlines()[-1])
     print(f"bf16 generation peak: {peak_kib / 1024:.0f} MiB")
     assert peak_kib * 1024 < 1e9

@@ -73,8 +73,10 @@ def test_real_sized_cache_costs_global_layers_only():
         cache = KVCache(cfg, 1, cfg.max_seq_len, dtype=torch.bfloat16, device="meta")
     n_global = sum(cfg.is_global(i) for i in range(cfg.n_layers))
     expected = per_slot * (n_global * cfg.max_seq_len + (cfg.n_layers - n_global) * cfg.sliding_window)
-    assert cache.nbytes() - sum(b.numel() * 8 for n, b in cache.named_buffers() if n.endswith("slot_pos")) \
+    assert (
+        cache.nbytes() - sum(b.numel() * 8 for n, b in cache.named_buffers() if n.endswith("slot_pos"))
         == expected
+    )
 
 
 @torch.no_grad()
@@ -123,6 +125,7 @@ def test_compiled_decode_step_matches_eager_and_compiles_once(tiny):
 
 
 # ---------------------------------------------------------------- the real model
+
 
 @pytest.mark.slow
 @torch.no_grad()
