@@ -17,6 +17,7 @@ matrix-vector ("gemv") path in every linear layer. Numerics stay the same
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -34,18 +35,12 @@ class GemvLinear(nn.Linear):
         return linear(x, self.weight, use_gemv=True)
 
 
-def _seconds(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def measure_head_kernels(model: Gemma, rows: int = 131_072, rounds: int = 7) -> dict[str, float]:
+    """GB/s of each way to compute the output head, timed on its first ``rows`` rows.
 
-
-def measure_head_kernels(model: Gemma, rows: int = 65_536) -> dict[str, float]:
-    """GB/s of each way to compute the output head, timed on its first ``rows`` rows."""
+    The candidates take turns, ``rounds`` times, and each keeps its median: memory
+    bandwidth drifts over seconds, and taking turns exposes all of them to it.
+    """
     weight = model.tok_embed.weight.detach()[:rows].contiguous()
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
     column_major = weight.t().contiguous().t()
@@ -54,9 +49,17 @@ def measure_head_kernels(model: Gemma, rows: int = 65_536) -> dict[str, float]:
         "linear_column_major": lambda: F.linear(x, column_major),
         "gemv": lambda: gemv(weight, x[0]),
     }
-    nbytes = weight.numel() * weight.element_size()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.inference_mode():
-        return {name: nbytes / _seconds(fn) / 1e9 for name, fn in candidates.items()}
+        for fn in candidates.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    nbytes = weight.numel() * weight.element_size()
+    return {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
 def set_embedding_layout(model: Gemma, column_major: bool) -> None:
