@@ -1107,31 +1107,42 @@ def check_wavelengths(fn: Callable[[int, float], torch.Tensor]) -> str:
     return "wavelength = 2π / inv_freq, from 2π tokens up to about 2π × base"
 
 
-def _score(q, k, m, n, base):
-    def at(v, p):
-        return _rope(v.view(1, 1, 1, -1), torch.tensor([p]), base).flatten()
+@_check("rope_matrix")
+def check_rope_matrix(fn: Callable[[int, int, float], torch.Tensor]) -> str:
+    """fn(position, head_dim, base) -> (D, D) matrix R with R @ x = x rotated for that position."""
+    D = 16
+    x = torch.randn(D, 5)  # five column vectors
+    for base in (10_000.0, 1_000_000.0):
+        for position in (0, 3, 200):
 
-    return float(at(q, m) @ at(k, n))
+            def rotated(p, base=base):
+                return _rope(x.T.reshape(1, 1, 5, D), torch.full((5,), p), base)[0, 0].T  # (D, 5)
 
-
-@_check("rope_score")
-def check_rope_score(fn) -> str:
-    """fn(q (D,), k (D,), m, n, base) -> rope(q at m) · rope(k at n)."""
-    q, k = torch.randn(64), torch.randn(64)
-    for m, n in ((5, 2), (105, 102), (0, 0), (1000, 3)):
-        expected = _score(q, k, m, n, 10_000.0)
-        got = float(fn(q, k, m, n, 10_000.0))
-        causes = [
-            ("rotate q by m and k by n (you swapped them)", lambda m=m, n=n: _score(q, k, n, m, 10_000.0)),
-            ("rotate k too, by n", lambda m=m: _score(q, k, m, 0, 10_000.0)),
-        ]
-        if not math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-3):
-            cause = next((c for c, v in causes if math.isclose(got, v(), rel_tol=1e-4, abs_tol=1e-3)), None)
-            raise Mismatch(
-                f"rope_score(q, k, {m}, {n}) is {got:.6g}, expected {expected:.6g}"
-                + (f"; likely cause: {cause}" if cause else "")
+            got = _tensor(fn(position, D, base), f"rope_matrix({position}, {D}, {base:,.0f})")
+            if got.shape != (D, D):
+                raise Mismatch(
+                    f"rope_matrix({position}, {D}, {base:,.0f}) has shape {tuple(got.shape)}, "
+                    f"expected ({D}, {D})"
+                )
+            causes = [
+                (
+                    "R @ x rotates backwards: you built the transpose (the rotation by -position)",
+                    lambda p=position, rotated=rotated: rotated(-p),
+                ),
+                (
+                    "Gemma pairs dimension i with i + D/2, not neighbours 2i and 2i + 1",
+                    lambda p=position, base=base: (
+                        _rope_interleaved(x.T.reshape(1, 1, 5, D), torch.full((5,), p), base)[0, 0].T
+                    ),
+                ),
+            ]
+            _expect_close(
+                got.float() @ x,
+                rotated(position),
+                f"rope_matrix({position}, {D}, {base:,.0f}) @ x",
+                causes=causes,
             )
-    return "scores match, and depend only on m - n"
+    return "R(p) @ x rotates x exactly like rope(x, p)"
 
 
 # ================================================================ exercises 04: attention

@@ -271,15 +271,12 @@ def test_wavelengths_and_scores(capsys):
     passes(checks.check_wavelengths(lambda D, base: 2 * math.pi / inv(D, base)), capsys)
     fails(checks.check_wavelengths(lambda D, base: 1 / inv(D, base)), capsys, "2π")
 
-    def score(q, k, m, n, base):
-        return float(
-            rope(q.view(1, 1, 1, -1), torch.tensor([m]), base).flatten()
-            @ rope(k.view(1, 1, 1, -1), torch.tensor([n]), base).flatten()
-        )
+    def rope_matrix(position, head_dim, base):
+        eye = torch.eye(head_dim).view(head_dim, 1, 1, head_dim)  # each basis vector as a (1, 1, D) tensor
+        return rope(eye, torch.tensor([position]), base).view(head_dim, head_dim).T
 
-    passes(checks.check_rope_score(score), capsys)
-    fails(checks.check_rope_score(lambda q, k, m, n, base: score(q, k, n, m, base)), capsys, "swapped")
-    fails(checks.check_rope_score(lambda q, k, m, n, base: score(q, k, m, 0, base)), capsys, "rotate k too")
+    passes(checks.check_rope_matrix(rope_matrix), capsys)
+    fails(checks.check_rope_matrix(lambda p, d, b: rope_matrix(p, d, b).T), capsys, "transpose")
 
 
 # ---------------------------------------------------------------- 04 attention
