@@ -169,8 +169,12 @@ class Generator:
     # -- pieces the benchmark and the chapters reuse
 
     def cache_for(self, batch: int, length: int) -> KVCache:
-        """A reusable cache of at least ``length`` positions (rounded up to limit recompiles)."""
-        max_len = min(self.model.cfg.max_seq_len, 256 * -(-length // 256))
+        """A reusable cache of at least ``length`` positions.
+
+        Sizes are powers of two (256 at least): each new size is a new shape for
+        the compiled step, and powers of two keep that to 8 sizes up to 32k.
+        """
+        max_len = min(self.model.cfg.max_seq_len, max(256, 1 << (length - 1).bit_length()))
         cache = self._cache
         if cache is None or cache.max_len != max_len or cache.layers[0].k.shape[0] != batch:
             self._cache = cache = self.model.new_cache(batch, max_len)

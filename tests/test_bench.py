@@ -1,0 +1,76 @@
+"""The benchmark: rows, table, JSON, and the HF comparison (timing values are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_generate import CharTokenizer
+
+from gemma_lite import Gemma, GemmaConfig
+from gemma_lite.bench import MODES, BenchRow, bench_hf, format_table, run_benchmark, write_json
+
+
+def tiny_model_for(dtype):
+    torch.manual_seed(0)
+    return Gemma(GemmaConfig.tiny(vocab_size=98)).to(dtype).eval(), CharTokenizer()
+
+
+def test_run_benchmark_rows_table_and_json(tmp_path):
+    seen = []
+    rows = run_benchmark(
+        tiny_model_for,
+        ["regular", "kv"],
+        [torch.float32, torch.bfloat16],
+        [4, 8],
+        runs=1,
+        prompt="hello",
+        on_row=seen.append,
+    )
+    assert [(r.mode, r.dtype, r.new_tokens) for r in rows] == [
+        (m, d, n) for d in ("float32", "bfloat16") for n in (4, 8) for m in ("regular", "kv")
+    ]
+    assert seen == rows
+    for r in rows:
+        assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_mb > 0
+        assert r.torch == torch.__version__ and r.machine and r.device == "cpu"
+    table = format_table(rows)
+    assert "decode tok/s" in table and "regular" in table and torch.__version__ in table
+    path = tmp_path / "rows.json"
+    write_json(rows, str(path))
+    assert [BenchRow(**r) for r in json.loads(path.read_text())] == rows
+
+
+def test_stop_between_rows():
+    rows = run_benchmark(tiny_model_for, MODES[:2], new_tokens=[4], runs=1, should_stop=lambda: True)
+    assert rows == []
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        run_benchmark(tiny_model_for, ["fast"], new_tokens=[4], runs=1)
+
+
+def test_table_shows_ratio_to_hf_best():
+    common = dict(
+        dtype="float32",
+        device="cpu",
+        new_tokens=8,
+        prefill_tok_s=1.0,
+        compile_s=0.0,
+        peak_mem_mb=1.0,
+        torch="x",
+        machine="m",
+    )
+    rows = [
+        BenchRow(mode="kv", decode_tok_s=30.0, **common),
+        BenchRow(mode="hf-dynamic", decode_tok_s=15.0, **common),
+    ]
+    assert "2.00x" in format_table(rows)
+
+
+@pytest.mark.slow
+def test_hf_rows_on_the_real_model(real, hf_model):
+    row = bench_hf(hf_model, real[1], "hf-dynamic", 8, runs=1)
+    assert row.mode == "hf-dynamic" and row.decode_tok_s > 0 and row.new_tokens == 8
