@@ -110,9 +110,7 @@ def kv_cache_bytes(
     """
     per_slot = 2 * batch * cfg.n_kv_heads * cfg.head_dim * dtype_bytes(dtype) + INDEX
     ring_slots = min(cfg.sliding_window + slack, context)
-    slots = sum(
-        context if cfg.is_global(i) or not ring else ring_slots for i in range(cfg.n_layers)
-    )
+    slots = sum(context if cfg.is_global(i) or not ring else ring_slots for i in range(cfg.n_layers))
     return slots * per_slot
 
 

@@ -40,8 +40,15 @@ from gemma_lite.memory import (
 REAL = GemmaConfig.gemma3_270m()
 # Small enough for a quick step, large enough that activations dominate a long sequence.
 SMALL = GemmaConfig.tiny(
-    vocab_size=4096, d_model=128, n_heads=4, n_kv_heads=1, head_dim=64, d_ff=512,
-    n_layers=6, sliding_window=64, max_seq_len=2048,
+    vocab_size=4096,
+    d_model=128,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=64,
+    d_ff=512,
+    n_layers=6,
+    sliding_window=64,
+    max_seq_len=2048,
 )
 
 
@@ -160,8 +167,14 @@ def test_sixteen_bytes_per_parameter():
 
 def run_python(code: str, *args: str, timeout: int = 600) -> dict:
     """Run ``code`` in a fresh interpreter and parse the JSON it prints last."""
-    out = subprocess.run([PYTHON, "-c", code, *args], capture_output=True, text=True, cwd=REPO_ROOT,
-                         env=python_env(), timeout=timeout)
+    out = subprocess.run(
+        [PYTHON, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=python_env(),
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -262,8 +275,14 @@ def test_resident_memory_after_loading(dtype):
 
 
 def test_cli_memory_table():
-    out = subprocess.run([PYTHON, "-m", "gemma_lite", "memory", "--dtype", "bfloat16", "--context", "8192"],
-                         capture_output=True, text=True, cwd=REPO_ROOT, env=python_env(), timeout=120)
+    out = subprocess.run(
+        [PYTHON, "-m", "gemma_lite", "memory", "--dtype", "bfloat16", "--context", "8192"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=python_env(),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "268,098,176" in out.stdout
     kv = kv_cache_bytes(REAL, 8192, torch.bfloat16) / 1e6
@@ -272,7 +291,13 @@ def test_cli_memory_table():
 
 
 def test_cli_memory_rejects_a_context_beyond_the_model():
-    out = subprocess.run([PYTHON, "-m", "gemma_lite", "memory", "--context", "40000"],
-                         capture_output=True, text=True, cwd=REPO_ROOT, env=python_env(), timeout=120)
+    out = subprocess.run(
+        [PYTHON, "-m", "gemma_lite", "memory", "--context", "40000"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=python_env(),
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "error: --context 40000 is beyond the model's 32768 tokens" in out.stderr
