@@ -51,7 +51,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from . import load
-    from .bench import MODES, format_table, run_benchmark, write_json
+    from .bench import MODES, format_table, profile_decode, run_benchmark, write_json
     from .fast import optimize_for_decode
     from .loading import resolve_dtype
     from .weights import resolve_device
@@ -77,6 +77,10 @@ def cmd_bench(args) -> int:
             flush=True,
         )
 
+    if args.profile:
+        for dtype in dtypes:
+            print(profile_decode(*model_for(dtype)))
+        return 0
     rows = run_benchmark(
         model_for, args.modes, dtypes, args.new_tokens, args.compare_hf, args.runs, args.prompt, on_row=show
     )
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompt", default="The capital of France is")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--profile", action="store_true", help="where a compiled decode step spends its time")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
 

@@ -250,6 +250,46 @@ def run_benchmark(
     return rows
 
 
+def profile_decode(model, tokenizer, steps: int = 20, prompt: str = DEFAULT_PROMPT) -> str:
+    """Where a compiled decode step spends its time, against the memory-traffic bound.
+
+    Runs ``steps`` compiled decode steps under torch.profiler and groups the CPU
+    time into matrix products (which stream the weights), attention, and the
+    rest; then compares the step time with weights-read / measured bandwidth.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .fast import measure_head_kernels
+
+    gen = Generator(model, tokenizer, compile=True)
+    gen(prompt, steps + 2, stop_at_eos=False)  # compile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = gen(prompt, steps + 1, stop_at_eos=False)
+    step_ms = 1e3 * statistics.median(result.step_times)
+    groups = {
+        "matrix products (weights)": ("mm", "mv", "linear", "gemv", "addmm"),
+        "attention": ("attention",),
+    }
+    spent = dict.fromkeys([*groups, "everything else"], 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        if "compiled" in name or "torch-compiled" in name or "dynamo" in name:
+            continue  # wrappers: their time is their children's
+        group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "everything else")
+        spent[group] += event.self_cpu_time_total / 1e3 / len(result.step_times)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = max(measure_head_kernels(model).values())
+    bound_ms = weight_bytes / bandwidth / 1e6
+    lines = [
+        f"compiled decode step: {step_ms:.1f} ms/token ({1e3 / step_ms:.1f} tok/s), dtype {model.dtype}",
+        *(f"  {name:<28}{ms:7.1f} ms" for name, ms in spent.items()),
+        f"weights read per token: {weight_bytes / 1e9:.2f} GB; best measured kernel: {bandwidth:.1f} GB/s",
+        f"memory-traffic bound at that speed: {bound_ms:.1f} ms/token = {1e3 / bound_ms:.1f} tok/s "
+        f"(this step reaches {bound_ms / step_ms:.0%} of it)",
+    ]
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A fixed-width table; with HF rows, each row's speed as a multiple of HF's best."""
     hf_best: dict[tuple[str, int], float] = {}

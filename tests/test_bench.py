@@ -9,7 +9,15 @@ import torch
 from test_generate import CharTokenizer
 
 from gemma_lite import Gemma, GemmaConfig
-from gemma_lite.bench import MODES, BenchRow, bench_hf, format_table, run_benchmark, write_json
+from gemma_lite.bench import (
+    MODES,
+    BenchRow,
+    bench_hf,
+    format_table,
+    profile_decode,
+    run_benchmark,
+    write_json,
+)
 
 
 def tiny_model_for(dtype):
@@ -74,3 +82,9 @@ def test_table_shows_ratio_to_hf_best():
 def test_hf_rows_on_the_real_model(real, hf_model):
     row = bench_hf(hf_model, real[1], "hf-dynamic", 8, runs=1)
     assert row.mode == "hf-dynamic" and row.decode_tok_s > 0 and row.new_tokens == 8
+
+
+def test_profile_names_where_the_time_goes():
+    model, tokenizer = tiny_model_for(torch.float32)
+    report = profile_decode(model, tokenizer, steps=3, prompt="hello")
+    assert "ms/token" in report and "matrix products" in report and "memory-traffic bound" in report
