@@ -199,10 +199,10 @@ class Generator:
 
     def encode_batch(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]):
         """Prompts -> left-padded ids (B, T), first real position per row (B,), lengths."""
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
-            prompts = [prompts]
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+            prompts = [prompts]
         rows = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
