@@ -1189,8 +1189,8 @@ def _grouped_sdpa(q, k, v, mask, scale):
     return out.view(B, H, T, D)
 
 
-@_check("gqa_by_repeat")
-def check_gqa_by_repeat(fn) -> str:
+@_check("grouped_attention")
+def check_grouped_attention(fn) -> str:
     """fn(q (B, H, T, D), k, v (B, K, S, D), mask (T, S) bool, scale) -> (B, H, T, D)."""
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     mask = attention_mask(torch.arange(2, 7), torch.arange(7), 3)[0, 0]
@@ -1205,16 +1205,20 @@ def check_gqa_by_repeat(fn) -> str:
 
     causes = [
         (
-            "query heads 0 and 1 share KV head 0: use repeat_interleave, not repeat (which tiles)",
+            "consecutive query heads form a group: heads 0 and 1 share KV head 0, not heads 0 and 2 "
+            "(view q as (B, K, G, T, D), or use repeat_interleave, not repeat)",
             lambda: plain(lambda t: t.repeat(1, 2, 1, 1)),
         ),
         ("the mask is not applied", lambda: plain(lambda t: t.repeat_interleave(2, 1), use_mask=False)),
         ("the scores must be multiplied by scale", lambda: plain(lambda t: t.repeat_interleave(2, 1), s=1.0)),
     ]
     _expect_close(
-        fn(q, k, v, mask, scale), _grouped_sdpa(q, k, v, mask, scale), "gqa_by_repeat output", causes=causes
+        fn(q, k, v, mask, scale),
+        _grouped_sdpa(q, k, v, mask, scale),
+        "grouped_attention output",
+        causes=causes,
     )
-    return "repeating KV heads gives what the package's grouped attention gives"
+    return "each group of query heads attends with its own KV head, like the package"
 
 
 def _kv_bytes(cfg: GemmaConfig, context: int, dtype: torch.dtype, all_global=False, heads=None, tensors=2):

@@ -366,15 +366,15 @@ def test_attention_reference_passes(capsys):
     passes(checks.check_attention(Attention), capsys)
 
 
-def test_gqa_by_repeat(capsys):
+def test_grouped_attention(capsys):
     def gqa(q, k, v, mask, scale, expand=torch.repeat_interleave):
         G = q.shape[1] // k.shape[1]
         k, v = expand(k, G, dim=1), expand(v, G, dim=1)
         return (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
-    passes(checks.check_gqa_by_repeat(gqa), capsys)
+    passes(checks.check_grouped_attention(gqa), capsys)
     tile = lambda t, G, dim: t.repeat(1, G, 1, 1)  # noqa: E731
-    fails(checks.check_gqa_by_repeat(lambda *a: gqa(*a, expand=tile)), capsys, "repeat_interleave")
+    fails(checks.check_grouped_attention(lambda *a: gqa(*a, expand=tile)), capsys, "consecutive query heads")
 
 
 def test_kv_cache_bytes(capsys):
