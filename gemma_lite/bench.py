@@ -46,9 +46,13 @@ class BenchRow:
     decode_tok_s: float
     prefill_tok_s: float
     compile_s: float
-    peak_mem_mb: float
+    peak_mem_mb: float  # the model's weights + peak working memory of the run (cache, activations, compile)
     torch: str
     machine: str
+
+
+def weights_mb(model) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def machine_name(device: torch.device | str = "cpu") -> str:
@@ -79,7 +83,7 @@ def _linux_peak_mb() -> float:
 
 
 class PeakMemory:
-    """Peak memory while the block runs.
+    """Peak memory while the block runs (``peak_mb``), and how much above the start (``extra_mb``).
 
     CUDA: the allocator's peak. Linux: the kernel's resident high-water mark
     (VmHWM), reset on entry through /proc/self/clear_refs, so nothing runs
@@ -87,13 +91,20 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device, self.interval, self.peak_mb = device, interval, 0.0
+        self.device, self.interval, self.peak_mb, self.start_mb = device, interval, 0.0, 0.0
         self._linux = os.path.exists("/proc/self/clear_refs")
+
+    @property
+    def extra_mb(self) -> float:
+        return max(0.0, self.peak_mb - self.start_mb)
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self._linux:
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self.start_mb = resident_mb()
+        if self._linux:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the high-water mark to the current resident size
         else:
@@ -160,7 +171,8 @@ def bench_ours(
     # compile time: the warm-up's excess over a normal call (0 once this shape is compiled)
     typical = warm.prefill_s + sum(results[0].step_times[: len(warm.step_times)])
     compile_s = max(0.0, warm_s - typical) if mode.endswith("compiled") else 0.0
-    return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, mem.peak_mb)
+    peak = weights_mb(model) + mem.extra_mb
+    return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, peak)
 
 
 def load_hf_reference(dtype: torch.dtype, device: torch.device):
@@ -209,7 +221,16 @@ def bench_hf(
         full = statistics.median(timed(new_tokens) for _ in range(runs))
     compile_s = max(0.0, first - full) if mode.endswith("compiled") else 0.0
     decode = (new_tokens - 1) / (full - one) if new_tokens > 1 else float("nan")
-    return _row(mode, hf_model.dtype, device, new_tokens, decode, ids.shape[1] / one, compile_s, mem.peak_mb)
+    return _row(
+        mode,
+        hf_model.dtype,
+        device,
+        new_tokens,
+        decode,
+        ids.shape[1] / one,
+        compile_s,
+        weights_mb(hf_model) + mem.extra_mb,
+    )
 
 
 def run_benchmark(
