@@ -1299,31 +1299,47 @@ def check_gelu_tanh(fn: Callable[[torch.Tensor], torch.Tensor]) -> str:
     return "matches F.gelu(x, approximate='tanh')"
 
 
-def _keys(cfg: GemmaConfig, T: int, window_shift: int = 0, all_global: bool = False) -> int:
-    window = cfg.sliding_window + window_shift
-    return sum(T if (all_global or cfg.is_global(i)) else min(T, window) for i in range(cfg.n_layers))
+def _block_macs(cfg: GemmaConfig, layer: int, T: int, *, window=True, kv_heads=None, ffn_mats=3, attn=2):
+    """Multiply-adds of one block for the last of T tokens, with switches for the usual mistakes."""
+    C, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
+    K = kv_heads or cfg.n_kv_heads
+    keys = T if (cfg.is_global(layer) or not window) else min(T, cfg.sliding_window)
+    projections = C * H * D + 2 * C * K * D + H * D * C  # q, k and v, o
+    return projections + attn * H * D * keys + ffn_mats * C * cfg.d_ff
 
 
-@_check("keys_per_token")
-def check_keys_per_token(fn: Callable[[GemmaConfig, int], int]) -> str:
-    """fn(cfg, T) -> keys the last of T tokens attends to, summed over all layers."""
-    for name, cfg, T in (
-        ("270m", GemmaConfig.gemma3_270m(), 1),
-        ("270m", GemmaConfig.gemma3_270m(), 512),
-        ("270m", GemmaConfig.gemma3_270m(), 513),
-        ("270m", GemmaConfig.gemma3_270m(), 32_768),
-        ("tiny", GemmaConfig.tiny(), 20),
+@_check("block_macs")
+def check_block_macs(fn: Callable[[GemmaConfig, int, int], int]) -> str:
+    """fn(cfg, layer, T) -> multiply-adds one block spends on the last of T tokens (norms aside)."""
+    real, tiny = GemmaConfig.gemma3_270m(), GemmaConfig.tiny()
+    for name, cfg, layer, T in (
+        ("270m", real, 0, 100),
+        ("270m", real, 0, 4096),
+        ("270m", real, 5, 4096),
+        ("tiny", tiny, 1, 20),
+        ("tiny", tiny, 2, 20),
     ):
+        args = (cfg, layer, T)
         causes = [
             (
-                "local layers see at most sliding_window keys: min(T, window)",
-                lambda c=cfg, T=T: _keys(c, T, all_global=True),
+                "a local layer attends to at most sliding_window keys: min(T, window)",
+                lambda a=args: _block_macs(*a, window=False),
             ),
-            ("off by one: a window of W keys includes the token itself", lambda c=cfg, T=T: _keys(c, T, 1)),
-            ("off by one: a window of W keys includes the token itself", lambda c=cfg, T=T: _keys(c, T, -1)),
+            (
+                "the key and value projections have n_kv_heads × head_dim outputs, not n_heads × head_dim",
+                lambda a=args: _block_macs(*a, kv_heads=a[0].n_heads),
+            ),
+            (
+                "GeGLU has three matrices (gate, up, down), each d_model × d_ff",
+                lambda a=args: _block_macs(*a, ffn_mats=2),
+            ),
+            (
+                "attention over S keys costs H × D × S twice: the scores, then the weighted sum of values",
+                lambda a=args: _block_macs(*a, attn=1),
+            ),
         ]
-        _expect_equal(fn(cfg, T), _keys(cfg, T), f"keys_per_token({name}, {T})", causes)
-    return "local layers cap at the window, global layers see everything"
+        _expect_equal(fn(*args), _block_macs(*args), f"block_macs({name}, layer {layer}, T={T})", causes)
+    return "projections, attention over the keys in view, and the three GeGLU matrices"
 
 
 # ================================================================ exercises 06: the full model

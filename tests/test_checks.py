@@ -446,14 +446,14 @@ def test_block_parameters_and_gelu(capsys):
     fails(checks.check_gelu_tanh(F.gelu), capsys, "erf")
 
 
-def test_keys_per_token(capsys):
-    def keys(cfg, T, window=True):
-        return sum(
-            T if cfg.is_global(i) or not window else min(T, cfg.sliding_window) for i in range(cfg.n_layers)
-        )
+def test_block_macs(capsys):
+    def macs(cfg, layer, T, window=True):
+        C, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        keys = min(T, cfg.sliding_window) if window and not cfg.is_global(layer) else T
+        return 2 * C * H * D + 2 * C * K * D + 2 * H * D * keys + 3 * C * cfg.d_ff
 
-    passes(checks.check_keys_per_token(keys), capsys)
-    fails(checks.check_keys_per_token(lambda cfg, T: keys(cfg, T, window=False)), capsys, "min(T, window)")
+    passes(checks.check_block_macs(macs), capsys)
+    fails(checks.check_block_macs(lambda *a: macs(*a, window=False)), capsys, "min(T, window)")
 
 
 # ---------------------------------------------------------------- 06 the full model
