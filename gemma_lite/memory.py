@@ -189,7 +189,8 @@ class TrainingMemory:
       before it is added to the head's (the two uses of the tied matrix);
     * the optimizer step: every gradient, plus two temporaries the size of the
       largest parameter (``sqrt(v) / c``, one parameter at a time, as Adam runs
-      on CPU), or one of all parameters (``foreach``, the CUDA default).
+      on CPU; on CUDA its default ``foreach`` version makes one temporary the
+      size of all parameters instead, which this estimate does not model).
     """
 
     parameters: int
@@ -229,7 +230,7 @@ class TrainingMemory:
 
 
 def training_memory(
-    cfg: GemmaConfig, batch: int, seq: int, dtype: torch.dtype = torch.float32, foreach: bool = False
+    cfg: GemmaConfig, batch: int, seq: int, dtype: torch.dtype = torch.float32
 ) -> TrainingMemory:
     """Predict a training step on (batch, seq) tokens with Adam, weights and gradients in ``dtype``.
 
@@ -244,7 +245,7 @@ def training_memory(
     activations = activation_bytes(cfg, dtype, batch, seq)
     C = cfg.d_model
     largest = max(cfg.vocab_size * C, C * cfg.d_ff, C * cfg.n_heads * cfg.head_dim)  # elements
-    adam_temporaries = n * FP32 if foreach else 2 * largest * FP32
+    adam_temporaries = 2 * largest * FP32
     return TrainingMemory(
         parameters=n,
         weights=weights,
