@@ -130,7 +130,11 @@ def _matches(got, variant, atol: float, rtol: float) -> bool:
 def _likely_cause(got, causes: Sequence[Cause], atol: float = 1e-5, rtol: float = 1e-4) -> str:
     """'; likely cause: ...' for the first known mistake whose output ``got`` matches, else ''."""
     for cause, variant in causes:
-        if _matches(got, variant(), atol, rtol):
+        try:
+            output = variant()
+        except Exception:  # a mistake that cannot even run on these inputs is not the one made
+            continue
+        if _matches(got, output, atol, rtol):
             return f"; likely cause: {cause}"
     return ""
 
