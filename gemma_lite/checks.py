@@ -517,9 +517,8 @@ def _rope_cases():
             yield x, positions, base
 
 
-@_check("rope")
-def check_rope(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
-    """fn(x (B, H, T, D), positions (T,), base) -> x rotated, as gemma_lite.layers does it."""
+def _compare_rotations(fn) -> None:
+    """fn's rotations against gemma_lite.layers' on every case of ``_rope_cases``."""
     for x, positions, base in _rope_cases():
         _expect_close(
             fn(x, positions, base),
@@ -527,6 +526,12 @@ def check_rope(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) 
             f"rotated x (base {base:,.0f}, positions {positions.tolist()})",
             causes=_rope_causes(x, positions, base),
         )
+
+
+@_check("rope")
+def check_rope(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
+    """fn(x (B, H, T, D), positions (T,), base) -> x rotated, as gemma_lite.layers does it."""
+    _compare_rotations(fn)
     return "rotations match gemma_lite.layers for both bases (10,000 and 1,000,000)"
 
 
@@ -1086,13 +1091,7 @@ def check_cosine_neighbours(fn) -> str:
 @_check("rope_complex")
 def check_rope_complex(fn) -> str:
     """fn(x (B, H, T, D), positions (T,), base) -> rotated x, computed with complex numbers."""
-    for x, positions, base in _rope_cases():
-        _expect_close(
-            fn(x, positions, base),
-            _rope(x, positions, base),
-            f"rotated x (base {base:,.0f}, positions {positions.tolist()})",
-            causes=_rope_causes(x, positions, base),
-        )
+    _compare_rotations(fn)
     return "complex multiplication gives the same rotation as rotate_half"
 
 

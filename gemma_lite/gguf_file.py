@@ -45,7 +45,7 @@ class GGUFTensor:
     data: np.ndarray  # raw bytes, one row per item of shape[0] (memory-mapped)
 
     def dequantize(self, rows: slice = slice(None)) -> np.ndarray:
-        """The fp32 values of ``rows`` (all by default), shape (n_rows, *shape[1:])."""
+        """The fp32 values of ``rows`` (all by default): (n_rows, *shape[1:]), or shape for a vector."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
