@@ -238,7 +238,7 @@ def check_tokens_processed(fn: Callable[[int, int, bool], int]) -> str:
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float = 5.0) -> torch.Tensor:
     """Attention whose scores are soft-capped at ``cap`` when any exceeds it. q, k, v (B, T, D)."""
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, T, T)
-    if scores.abs().max() > cap:  # a Python `if` on a tensor's value: torch.compile breaks the graph here
+    if scores.abs().max() > cap:
         scores = cap * torch.tanh(scores / cap)
     return scores.softmax(-1) @ v
 
