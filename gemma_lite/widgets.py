@@ -171,7 +171,8 @@ class BenchmarkSession:
             longest = {r.mode: r for r in run.rows if r.new_tokens == max(x.new_tokens for x in run.rows)}
             xs = [i + (k - (len(runs) - 1) / 2) * width for i, m in enumerate(modes) if m in longest]
             shown = [m for m in modes if m in longest]
-            speed.bar(xs, [longest[m].decode_tok_s for m in shown], width, label=run.label)
+            bars = speed.bar(xs, [longest[m].decode_tok_s for m in shown], width, label=run.label)
+            speed.bar_label(bars, fmt="%.1f", fontsize="small")
             memory.bar(xs, [longest[m].peak_mem_mb for m in shown], width, label=run.label)
             for mode in _modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)
@@ -188,6 +189,8 @@ class BenchmarkSession:
         length.set_title("speed against generated length")
         length.set_xlabel("new tokens")
         length.set_ylabel("tokens / s")
+        for ax in (speed, length, memory):
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # from zero, with room for the legend
         if runs:
             speed.legend(fontsize="small")
             length.legend(fontsize="small")
@@ -243,7 +246,10 @@ class BenchmarkDashboard:
         s = self.settings
         self.device = w.Dropdown(options=available_devices(), value=s.device, description="device")
         self.dtype = w.Dropdown(options=DTYPES, value=s.dtype, description="dtype")
-        self.modes = {m: w.Checkbox(value=m in s.modes, description=m, indent=False) for m in MODES}
+        self.modes = {
+            m: w.Checkbox(value=m in s.modes, description=m, indent=False, layout=w.Layout(width="160px"))
+            for m in MODES
+        }
         self.lengths = w.Text(value=", ".join(map(str, s.new_tokens)), description="new tokens")
         self.runs = w.BoundedIntText(value=s.runs, min=1, max=10, description="runs")
         self.run_button = w.Button(description="Run", button_style="success", icon="play")
@@ -257,7 +263,7 @@ class BenchmarkDashboard:
         return w.VBox(
             [
                 w.HBox([self.device, self.dtype, self.runs]),
-                w.HBox([w.Label("modes"), *self.modes.values()]),
+                w.HBox([w.Label("modes", layout=w.Layout(width="90px")), *self.modes.values()]),
                 w.HBox([self.lengths, self.run_button, self.stop_button, self.progress]),
                 self.status,
                 self.plot,
