@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .generate import Generator, _sync
+from .memory import resident_bytes
 
 MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
 HF_MODES = ("hf-dynamic", "hf-static-compiled")
@@ -72,9 +73,7 @@ def machine_name(device: torch.device | str = "cpu") -> str:
 
 
 def resident_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    return resident_bytes() / 2**20
 
 
 def _linux_peak_mb() -> float:

@@ -379,31 +379,23 @@ def resident_bytes() -> int:
 
 
 class ResidentPeak:
-    """The process's peak resident memory while the block runs: ``start``, ``peak``, ``growth``.
+    """The process's peak resident memory while the block runs, in bytes: ``start``, ``peak``, ``growth``.
 
-    On Linux the kernel keeps the high-water mark (VmHWM) and lets a process
-    reset it (``/proc/self/clear_refs``), so the peak is exact; elsewhere the
-    resident memory is sampled every 5 ms (``bench.PeakMemory``).
+    A byte-valued view of ``bench.PeakMemory`` on the CPU: on Linux the kernel's
+    exact high-water mark (VmHWM, reset through ``/proc/self/clear_refs``),
+    elsewhere resident memory sampled by a thread.
     """
 
     def __enter__(self):
-        self.start = resident_bytes()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident size
-            self._sampler = None
-        except OSError:
-            from .bench import PeakMemory
+        from .bench import PeakMemory
 
-            self._sampler = PeakMemory(torch.device("cpu")).__enter__()
+        self._mem = PeakMemory(torch.device("cpu")).__enter__()
+        self.start = int(self._mem.start_mb * 2**20)
         return self
 
     def __exit__(self, *exc):
-        if self._sampler is None:
-            self.peak = _proc_status("VmHWM")
-        else:
-            self._sampler.__exit__(*exc)
-            self.peak = int(self._sampler.peak_mb * 2**20)
+        self._mem.__exit__(*exc)
+        self.peak = int(self._mem.peak_mb * 2**20)
 
     @property
     def growth(self) -> int:
