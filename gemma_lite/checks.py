@@ -528,6 +528,17 @@ def _compare_rotations(fn) -> None:
         )
 
 
+def _compare_modules(mine: nn.Module, ref: nn.Module, args: tuple, what: str, causes) -> None:
+    """Same output for the same ``args``; on a mismatch, name the first submodule that diverges."""
+    _expect_close(
+        mine(*args),
+        ref(*args),
+        what,
+        causes=causes,
+        locate=lambda: _first_divergence(ref, mine, lambda: ref(*args), lambda: mine(*args)),
+    )
+
+
 @_check("rope")
 def check_rope(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> str:
     """fn(x (B, H, T, D), positions (T,), base) -> x rotated, as gemma_lite.layers does it."""
@@ -654,15 +665,7 @@ def check_attention(cls) -> str:
                 variant(kv_heads="tile"),
             ),
         ]
-        _expect_close(
-            mine(x, rope, positions),
-            ref(x, rope, positions),
-            f"{kind} attention output",
-            causes=causes,
-            locate=lambda ref=ref, mine=mine, rope=rope: _first_divergence(
-                ref, mine, lambda: ref(x, rope, positions), lambda: mine(x, rope, positions)
-            ),
-        )
+        _compare_modules(mine, ref, (x, rope, positions), f"{kind} attention output", causes)
     return "local (sliding window) and global layers match gemma_lite.layers.Attention (GQA, QK-norm)"
 
 
@@ -748,15 +751,7 @@ def check_block(cls) -> str:
                 lambda other=other, rope=rope: other(x, rope, positions),
             ),
         ]
-        _expect_close(
-            mine(x, rope, positions),
-            ref(x, rope, positions),
-            f"layer {layer} ({ref.kind}) output",
-            causes=causes,
-            locate=lambda ref=ref, mine=mine, rope=rope: _first_divergence(
-                ref, mine, lambda: ref(x, rope, positions), lambda: mine(x, rope, positions)
-            ),
-        )
+        _compare_modules(mine, ref, (x, rope, positions), f"layer {layer} ({ref.kind}) output", causes)
     return "local and global blocks match gemma_lite.layers.Block (four sandwich norms)"
 
 
