@@ -1,6 +1,6 @@
 """Timing and memory measurement; the ``python -m gemma_lite bench`` command.
 
-Four ways to generate, as in the source article's table:
+Four ways to generate, as in Sebastian Raschka's "Gemma 3 270M From Scratch" table:
 
 =================  ========================================================
 regular            no cache: every step re-runs the whole sequence (eager)

@@ -189,11 +189,20 @@ class BenchmarkSession:
         length.set_title("speed against generated length")
         length.set_xlabel("new tokens")
         length.set_ylabel("tokens / s")
+        lengths = sorted({r.new_tokens for run in runs for r in run.rows})
+        if len(lengths) > 1:
+            length.set_xscale("log", base=2)
+            length.set_xticks(lengths, [str(n) for n in lengths])
+            length.legend(fontsize="small")
+        else:  # one point per mode is no curve: say how to get one
+            length.cla()
+            length.set_axis_off()
+            hint = "Give several lengths, like 16, 64, 256,\nto see the speed against the length."
+            length.text(0.5, 0.5, hint, ha="center", va="center", transform=length.transAxes)
         for ax in (speed, length, memory):
             ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # from zero, with room for the legend
         if runs:
             speed.legend(fontsize="small")
-            length.legend(fontsize="small")
         return fig
 
     def figure_png(self) -> bytes:

@@ -53,6 +53,14 @@ def test_figure_has_three_panels_with_the_series(session):
         "#1 cpu float32: kv",
     ]
     assert len(memory.patches) == 2
+    assert [int(t) for t in length.get_xticks()] == [4, 8]
+
+
+def test_one_length_draws_no_degenerate_curve(session):
+    session.run(Settings(modes=("regular", "kv"), new_tokens=(4,), runs=1))
+    speed, length, memory = session.figure().axes
+    assert len(speed.patches) == 2 and not length.get_lines()
+    assert "several lengths" in " ".join(t.get_text() for t in length.texts)
 
 
 def test_stop_between_rows(session):
