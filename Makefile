@@ -1,5 +1,5 @@
 # Thin wrappers around the `course` script (the README commands).
-.PHONY: lab test quick bench lint
+.PHONY: lab test quick portable bench lint
 
 lab:
 	bash course lab
@@ -9,6 +9,9 @@ test:
 
 quick:
 	bash course quick
+
+portable:
+	bash course portable
 
 bench:
 	bash course bench --compare-hf --dtypes float32 bfloat16
