@@ -6,7 +6,9 @@ asserts that the check fails and that its message names the cause.
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 import struct
 
 import pytest
@@ -67,6 +69,13 @@ class TodoNorm(torch.nn.Module):
 
     def forward(self, x):
         raise NotImplementedError
+
+
+def test_every_chapter_check_is_exported():
+    for info in pkgutil.iter_modules(checks.__path__):
+        module = importlib.import_module(f"{checks.__name__}.{info.name}")
+        for name in (n for n in dir(module) if n.startswith("check_")):
+            assert getattr(checks, name, None) is getattr(module, name), f"{info.name}.{name} is not exported"
 
 
 CHECKS_WITH_TOKENIZER = {"check_bpe_encode", "check_byte_fallback_chars", "check_pieces_to_text"}
