@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gemma_lite import checks
+from gemma_lite.checks import ch06_model
+from gemma_lite.config import GemmaConfig
 from gemma_lite.generate import apply_repetition_penalty, filter_logits
 from gemma_lite.layers import (
     Attention,
@@ -502,6 +504,21 @@ def test_model_with_real_weights(real, capsys):
     with torch.no_grad():
         copy.blocks[0].attn_norm.weight += 1.0
     fails(checks.check_model(copy, reference=model), capsys, "blocks.0.attn_norm.weight", "w + 1")
+
+
+def test_a_loaded_model_is_compared_with_the_bundled_weights(monkeypatch, capsys):
+    reference = Gemma(GemmaConfig.tiny())
+    loads = []
+
+    def load(**kwargs):
+        loads.append(kwargs)
+        return reference, None
+
+    monkeypatch.setattr(ch06_model, "load", load)
+    copy = Gemma(reference.cfg)
+    copy.load_state_dict(reference.state_dict())
+    passes(checks.check_model(copy), capsys)
+    assert loads == [{"device": "cpu", "dtype": torch.float32, "progress": False}]
 
 
 def test_parameter_count(capsys):

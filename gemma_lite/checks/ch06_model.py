@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import GemmaConfig
+from ..loading import load
 from ..model import Gemma
 from .core import (
     Cause,
@@ -93,8 +94,6 @@ def check_model(model_or_cls, reference: Gemma | None = None) -> str:
     else:
         mine = model_or_cls.eval()
         if reference is None:
-            from .loading import load
-
             reference, _ = load(device="cpu", dtype=torch.float32, progress=False)
         ref = reference.eval()
         problem = _parameter_difference(mine, ref)
