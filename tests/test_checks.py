@@ -105,6 +105,10 @@ def test_a_crash_is_one_line_without_traceback(capsys):
     fails(checks.check_rope(crashes), capsys, "your code raised RuntimeError", "in test_a_crash")
 
 
+def test_a_crash_on_what_your_code_returned_names_no_check_internals(capsys):
+    fails(checks.check_bf16_round(lambda x: "a string"), capsys, "raised ValueError", "(in your code)")
+
+
 def test_checks_leave_the_global_random_state_alone(capsys):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()

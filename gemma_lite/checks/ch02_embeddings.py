@@ -12,9 +12,8 @@ from ..layers import RMSNorm, ScaledEmbedding
 from .core import (
     Cause,
     Mismatch,
-    build_module,
+    build_like,
     check,
-    copy_weights,
     expect_close,
     expect_equal,
     likely_cause,
@@ -27,7 +26,7 @@ def check_embedding(cls) -> str:
     """cls(vocab_size, dim): lookup times sqrt(dim), the scale rounded to the weight dtype."""
     V, C = 512, 640  # a real width: sqrt(640) is not a round number in bf16
     ref = ScaledEmbedding(V, C)
-    mine = copy_weights(ref, build_module(cls, V, C))
+    mine = build_like(ref, cls, V, C)
     ids = torch.randint(0, V, (2, 7))
     for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):
         ref, mine = ref.to(dtype), mine.to(dtype)
@@ -84,7 +83,7 @@ def check_rmsnorm(cls) -> str:
     """cls(dim) with a ``weight`` of zeros: x / rms(x) * (1 + w), computed in fp32."""
     C, eps = 64, 1e-6
     ref = randomize_norms(RMSNorm(C, eps))
-    mine = copy_weights(ref, build_module(cls, C))
+    mine = build_like(ref, cls, C)
     inputs = {
         "fp32 input": torch.randn(2, 5, C) * 3,
         "fp32 input with tiny values": torch.randn(2, 5, C) * 1e-3,

@@ -11,16 +11,7 @@ from torch import nn
 
 from ..config import GemmaConfig
 from ..layers import Attention, RotaryEmbedding, apply_rope, attention_mask
-from .core import (
-    build_module,
-    check,
-    compare_modules,
-    copy_weights,
-    expect_close,
-    expect_equal,
-    expect_mask,
-    randomize_norms,
-)
+from .core import build_like, check, compare_modules, expect_close, expect_equal, expect_mask, randomize_norms
 
 
 @check("causal_mask")
@@ -117,7 +108,7 @@ def check_attention(cls) -> str:
     for is_global in (False, True):
         kind = "global" if is_global else "local"
         ref = randomize_norms(Attention(cfg, is_global))
-        mine = copy_weights(ref, build_module(cls, cfg, is_global))
+        mine = build_like(ref, cls, cfg, is_global)
         base = cfg.rope_global_base if is_global else cfg.rope_local_base
         rope = RotaryEmbedding(cfg.head_dim, base)(positions, x.dtype)
 

@@ -9,15 +9,7 @@ import torch.nn.functional as F
 
 from ..config import GemmaConfig
 from ..layers import Block, GeGLU, RotaryEmbedding
-from .core import (
-    build_module,
-    check,
-    compare_modules,
-    copy_weights,
-    expect_close,
-    expect_equal,
-    randomize_norms,
-)
+from .core import build_like, check, compare_modules, expect_close, expect_equal, randomize_norms
 
 
 @check("GeGLU")
@@ -25,7 +17,7 @@ def check_geglu(cls) -> str:
     """cls(d_model, d_ff): down(gelu_tanh(gate(x)) * up(x))."""
     C, Fw = 64, 128
     ref = GeGLU(C, Fw)
-    mine = copy_weights(ref, build_module(cls, C, Fw))
+    mine = build_like(ref, cls, C, Fw)
     x = torch.randn(2, 5, C) * 2
     gate, up = ref.gate_proj(x), ref.up_proj(x)
     causes = [
@@ -71,7 +63,7 @@ def check_block(cls) -> str:
     x, positions = torch.randn(2, T, cfg.d_model), torch.arange(T)
     for layer in (0, 2):
         ref = randomize_norms(Block(cfg, layer))
-        mine = copy_weights(ref, build_module(cls, cfg, layer))
+        mine = build_like(ref, cls, cfg, layer)
         base = cfg.rope_global_base if ref.kind == "global" else cfg.rope_local_base
         rope = RotaryEmbedding(cfg.head_dim, base)(positions, x.dtype)
         other = Block(cfg, 1 if ref.kind == "global" else 2)

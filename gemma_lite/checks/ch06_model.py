@@ -14,12 +14,11 @@ from ..model import Gemma
 from .core import (
     Cause,
     Mismatch,
-    build_module,
+    build_like,
     check,
-    copy_weights,
+    compare_modules,
     expect_close,
     expect_equal,
-    first_divergence,
     outputs_by_module,
     randomize_norms,
 )
@@ -88,7 +87,7 @@ def check_model(model_or_cls, reference: Gemma | None = None) -> str:
     if not isinstance(model_or_cls, nn.Module):  # a class (or factory) to build
         cfg = GemmaConfig.tiny()
         ref = randomize_norms(Gemma(cfg))
-        mine = copy_weights(ref, build_module(model_or_cls, cfg))
+        mine = build_like(ref, model_or_cls, cfg)
         ids = torch.randint(0, cfg.vocab_size, (2, 20))
         what, done = "logits (tiny config, random weights)", "the tiny model's logits match gemma_lite.Gemma"
     else:
@@ -101,15 +100,7 @@ def check_model(model_or_cls, reference: Gemma | None = None) -> str:
             raise Mismatch(problem)
         ids = torch.randint(3, ref.cfg.vocab_size, (1, 40))
         what, done = "logits (real weights)", "every weight and the logits match the reference model"
-    expect_close(
-        mine(ids),
-        ref(ids),
-        what,
-        atol=1e-4,
-        rtol=1e-4,
-        causes=_model_causes(ref, ids),
-        locate=lambda: first_divergence(ref, mine, lambda: ref(ids), lambda: mine(ids)),
-    )
+    compare_modules(mine, ref, (ids,), what, _model_causes(ref, ids), atol=1e-4, rtol=1e-4)
     return done
 
 

@@ -91,7 +91,7 @@ def check(title: str):
 Cause = tuple[str, Callable[[], object]]  # (likely cause, what that mistake would output)
 
 
-def matches(got, variant, atol: float, rtol: float) -> bool:
+def _matches(got, variant, atol: float, rtol: float) -> bool:
     """Same shape and values within tolerance for tensors; equality for anything else."""
     tensors = isinstance(got, torch.Tensor), isinstance(variant, torch.Tensor)
     if all(tensors):
@@ -108,7 +108,7 @@ def likely_cause(got, causes: Sequence[Cause], atol: float = 1e-5, rtol: float =
             output = variant()
         except Exception:  # a mistake that cannot even run on these inputs is not the one made
             continue
-        if matches(got, output, atol, rtol):
+        if _matches(got, output, atol, rtol):
             return f"; likely cause: {cause}"
     return ""
 
@@ -187,12 +187,12 @@ def expect_mask(got, expected: torch.Tensor, what: str, causes: Sequence[Cause] 
     )
 
 
-def build_module(cls, *args) -> nn.Module:
-    """``cls(*args)``, which must be a torch.nn.Module."""
+def build_like(reference: nn.Module, cls, *args) -> nn.Module:
+    """The learner's ``cls(*args)``, given ``reference``'s parameters (matched by name), in eval mode."""
     module = cls(*args)
     if not isinstance(module, nn.Module):
         raise Mismatch(f"{getattr(cls, '__name__', cls)}(...) should build a torch.nn.Module")
-    return module
+    return _copy_weights(reference, module)
 
 
 def _names(params: dict) -> str:
@@ -200,7 +200,7 @@ def _names(params: dict) -> str:
     return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
 
 
-def copy_weights(reference: nn.Module, mine: nn.Module) -> nn.Module:
+def _copy_weights(reference: nn.Module, mine: nn.Module) -> nn.Module:
     """Give ``mine`` the reference's parameters, matched by name (same names as gemma_lite)."""
     ref, got = dict(reference.named_parameters()), dict(mine.named_parameters())
     name = type(mine).__name__
@@ -252,7 +252,7 @@ def outputs_by_module(model: nn.Module, names: set[str], run: Callable[[], objec
     return seen
 
 
-def first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) -> str:
+def _first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) -> str:
     """'; ... first differs at <submodule>' in the reference's call order."""
     shared = {n for n, _ in reference.named_modules() if n} & {n for n, _ in mine.named_modules() if n}
     ref_out = outputs_by_module(reference, shared, run_ref)
@@ -262,19 +262,30 @@ def first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) -
         for ref_o, my_o in zip(outputs, mine_outputs, strict=False):
             if not isinstance(ref_o, torch.Tensor):
                 continue
-            if not matches(my_o, ref_o, 1e-4, 1e-4):
+            if not _matches(my_o, ref_o, 1e-4, 1e-4):
                 return f"; the first submodule whose output differs is '{name}'"
     return "; every submodule's output agrees, so look at how your forward connects them"
 
 
-def compare_modules(mine: nn.Module, ref: nn.Module, args: tuple, what: str, causes) -> None:
+def compare_modules(
+    mine: nn.Module,
+    ref: nn.Module,
+    args: tuple,
+    what: str,
+    causes: Sequence[Cause],
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> None:
     """Same output for the same ``args``; on a mismatch, name the first submodule that diverges."""
     expect_close(
         mine(*args),
         ref(*args),
         what,
+        atol=atol,
+        rtol=rtol,
         causes=causes,
-        locate=lambda: first_divergence(ref, mine, lambda: ref(*args), lambda: mine(*args)),
+        locate=lambda: _first_divergence(ref, mine, lambda: ref(*args), lambda: mine(*args)),
     )
 
 
