@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from test_checks import fails, passes
 from torch._dynamo.testing import CompileCounter
@@ -165,6 +167,7 @@ def test_write_kv(capsys):
     fails(checks.check_write_kv(by_int), capsys, "traced 6 times")  # a second run starts afresh
     compiled = torch.compile(by_int, backend="eager", dynamic=False)
     fails(checks.check_write_kv(compiled), capsys, "traced 6 times")  # checked as the function it compiles
+    fails(checks.check_write_kv(functools.partial(by_int)), capsys, "traced 6 times")  # any callable
 
 
 def test_checks_keep_what_the_learner_compiled(capsys):

@@ -1,4 +1,4 @@
-"""Checks of chapter 00 (setup): devices, bf16 rounding, bytes of the weights."""
+"""Checks of chapter 00 (setup): picking a device; for the exercises, bf16 rounding and weight bytes."""
 
 from __future__ import annotations
 

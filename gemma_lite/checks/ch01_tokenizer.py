@@ -1,4 +1,4 @@
-"""Checks of chapter 01 (tokenizer): BPE merges, byte fallback, decoding pieces."""
+"""Checks of chapter 01 (tokenizer): BPE encoding; for the exercises, byte fallback and decoding pieces."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 02 (embeddings and RMSNorm)."""
+"""Checks of chapter 02 (embeddings and RMSNorm): both modules; for the exercises, one-hot lookup
+and cosine neighbours.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 03 (RoPE): rotations, complex form, wavelengths, the rotation matrix."""
+"""Checks of chapter 03 (RoPE): the rotation; for the exercises, its complex form, the wavelengths
+and the rotation matrix.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 04 (attention): masks, GQA attention, the size of the KV cache."""
+"""Checks of chapter 04 (attention): causal and sliding-window masks, the attention module; for the
+exercises, masks over cache slots, grouped attention and the bytes of the KV cache.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 05 (feed-forward and block): GeGLU, the block, its size and cost."""
+"""Checks of chapter 05 (feed-forward and block): GeGLU and the block; for the exercises, the block's
+parameters, the tanh GELU and the block's multiply-adds.
+"""
 
 from __future__ import annotations
 

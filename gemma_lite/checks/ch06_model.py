@@ -1,4 +1,6 @@
-"""Checks of chapter 06 (the full model): the model, its parameter count, the logit lens."""
+"""Checks of chapter 06 (the full model): the model, as a class or loaded; for the exercises, the
+parameter count and the logit lens.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 07 (generation): sampling, the decode loop, penalties, log-probabilities."""
+"""Checks of chapter 07 (generation): sampling probabilities and the decode loop; for the exercises,
+the repetition penalty, min-p and the log-probability of a sequence.
+"""
 
 from __future__ import annotations
 

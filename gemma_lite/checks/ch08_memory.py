@@ -1,4 +1,4 @@
-"""Checks of chapter 08 (memory arithmetic): training state, the longest context that fits."""
+"""Checks of the chapter 08 exercises (memory arithmetic): training state, the longest context that fits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checks of chapter 09 (the KV cache): ring contents, cached greedy decoding, work done."""
+"""Checks of the chapter 09 exercises (the KV cache): ring contents, cached greedy decoding, tokens run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Checks of chapter 10 (torch.compile): no graph break, a write that compiles once."""
+"""Checks of the chapter 10 exercises (torch.compile): capped attention without a graph break, a cache
+write that compiles once. ``capped_attention`` is the version with the break that the chapter shows.
+"""
 
 from __future__ import annotations
 

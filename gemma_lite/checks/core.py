@@ -290,22 +290,24 @@ def compare_modules(
 
 
 def fresh_function(fn: Callable) -> Callable:
-    """A copy of ``fn`` with a code object of its own, for a check to torch.compile.
+    """A copy of ``fn`` with code objects of its own, for a check to torch.compile.
 
     Dynamo keeps compiled code per code object: compiling the copy neither reuses
     nor disturbs what the learner compiled from ``fn``, and no ``torch._dynamo.reset()``
-    throws their compiled functions away. A function under ``torch.compile`` is
-    unwrapped first; any other callable is called from a fresh function.
+    throws their compiled functions away. A function under ``torch.compile`` (or any
+    ``functools.wraps`` decorator) is unwrapped first; partials, methods and callable
+    objects get a copy of the function they call. A builtin is returned as it is.
     """
-    target = inspect.unwrap(fn)
-    if not inspect.isfunction(target):  # a callable object: trace a call to it
-        target = lambda *args, **kwargs: fn(*args, **kwargs)
+    fn = inspect.unwrap(fn)
+    if isinstance(fn, functools.partial):
+        return functools.partial(fresh_function(fn.func), *fn.args, **fn.keywords)
+    if inspect.ismethod(fn):
+        return types.MethodType(fresh_function(fn.__func__), fn.__self__)
+    if not inspect.isfunction(fn):  # a callable object, or a builtin
+        call = type(fn).__call__
+        return types.MethodType(fresh_function(call), fn) if inspect.isfunction(call) else fn
     copy = types.FunctionType(
-        target.__code__.replace(),
-        target.__globals__,
-        target.__name__,
-        target.__defaults__,
-        target.__closure__,
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
-    copy.__kwdefaults__ = target.__kwdefaults__
+    copy.__kwdefaults__ = fn.__kwdefaults__
     return copy
