@@ -6,7 +6,9 @@ asserts that the check fails and that its message names the cause.
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 import struct
 
 import pytest
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from gemma_lite import checks
+from gemma_lite.checks import ch06_model
+from gemma_lite.config import GemmaConfig
 from gemma_lite.generate import apply_repetition_penalty, filter_logits
 from gemma_lite.layers import (
     Attention,
@@ -69,6 +73,13 @@ class TodoNorm(torch.nn.Module):
         raise NotImplementedError
 
 
+def test_every_chapter_check_is_exported():
+    for info in pkgutil.iter_modules(checks.__path__):
+        module = importlib.import_module(f"{checks.__name__}.{info.name}")
+        for name in (n for n in dir(module) if n.startswith("check_")):
+            assert getattr(checks, name, None) is getattr(module, name), f"{info.name}.{name} is not exported"
+
+
 CHECKS_WITH_TOKENIZER = {"check_bpe_encode", "check_byte_fallback_chars", "check_pieces_to_text"}
 ALL_CHECKS = sorted(name for name in dir(checks) if name.startswith("check_"))
 
@@ -92,6 +103,10 @@ def test_a_crash_is_one_line_without_traceback(capsys):
         return x @ x  # wrong shapes
 
     fails(checks.check_rope(crashes), capsys, "your code raised RuntimeError", "in test_a_crash")
+
+
+def test_a_crash_on_what_your_code_returned_names_no_check_internals(capsys):
+    fails(checks.check_bf16_round(lambda x: "a string"), capsys, "raised ValueError", "(in your code)")
 
 
 def test_checks_leave_the_global_random_state_alone(capsys):
@@ -493,6 +508,21 @@ def test_model_with_real_weights(real, capsys):
     with torch.no_grad():
         copy.blocks[0].attn_norm.weight += 1.0
     fails(checks.check_model(copy, reference=model), capsys, "blocks.0.attn_norm.weight", "w + 1")
+
+
+def test_a_loaded_model_is_compared_with_the_bundled_weights(monkeypatch, capsys):
+    reference = Gemma(GemmaConfig.tiny())
+    loads = []
+
+    def load(**kwargs):
+        loads.append(kwargs)
+        return reference, None
+
+    monkeypatch.setattr(ch06_model, "load", load)
+    copy = Gemma(reference.cfg)
+    copy.load_state_dict(reference.state_dict())
+    passes(checks.check_model(copy), capsys)
+    assert loads == [{"device": "cpu", "dtype": torch.float32, "progress": False}]
 
 
 def test_parameter_count(capsys):

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import functools
+
 import torch
-from test_checks import fails, passes, todo
+from test_checks import fails, passes
+from torch._dynamo.testing import CompileCounter
 
-from gemma_lite import checks, checks_perf
+from gemma_lite import checks
 from gemma_lite.memory import dtype_bytes, kv_cache_bytes
-
-ALL_CHECKS = sorted(name for name in dir(checks_perf) if name.startswith("check_"))
-
-
-@pytest.mark.parametrize("name", ALL_CHECKS)
-def test_unfinished_code_is_not_done_yet(name, capsys):
-    result = getattr(checks_perf, name)(todo)
-    assert not result and not result.done
-    assert capsys.readouterr().out == f"{checks.TODO} not done yet: fill in the TODO in todo\n"
-
 
 # ---------------------------------------------------------------- 08 memory
 
@@ -28,14 +20,14 @@ def training_state_bytes(n, dtype, master=True, grads=True):
 
 
 def test_training_state_bytes(capsys):
-    passes(checks_perf.check_training_state_bytes(training_state_bytes), capsys)
+    passes(checks.check_training_state_bytes(training_state_bytes), capsys)
     fails(
-        checks_perf.check_training_state_bytes(lambda n, d: training_state_bytes(n, d, master=False)),
+        checks.check_training_state_bytes(lambda n, d: training_state_bytes(n, d, master=False)),
         capsys,
         "master copy",
     )
     fails(
-        checks_perf.check_training_state_bytes(lambda n, d: training_state_bytes(n, d, grads=False)),
+        checks.check_training_state_bytes(lambda n, d: training_state_bytes(n, d, grads=False)),
         capsys,
         "gradients count",
     )
@@ -61,10 +53,10 @@ def bisect_max_context(budget, cfg, dtype, ring=True, cap=True):
 
 
 def test_max_context(capsys):
-    passes(checks_perf.check_max_context(bisect_max_context), capsys)
-    fails(checks_perf.check_max_context(lambda *a: bisect_max_context(*a, ring=False)), capsys, "ring buffer")
-    fails(checks_perf.check_max_context(lambda *a: bisect_max_context(*a) + 1), capsys, "off by one")
-    fails(checks_perf.check_max_context(lambda *a: bisect_max_context(*a, cap=False)), capsys, "max_seq_len")
+    passes(checks.check_max_context(bisect_max_context), capsys)
+    fails(checks.check_max_context(lambda *a: bisect_max_context(*a, ring=False)), capsys, "ring buffer")
+    fails(checks.check_max_context(lambda *a: bisect_max_context(*a) + 1), capsys, "off by one")
+    fails(checks.check_max_context(lambda *a: bisect_max_context(*a, cap=False)), capsys, "max_seq_len")
 
 
 # ---------------------------------------------------------------- 09 the KV cache
@@ -78,13 +70,11 @@ def ring_contents(n, size):
 
 
 def test_ring_contents(capsys):
-    passes(checks_perf.check_ring_contents(ring_contents), capsys)
-    passes(checks_perf.check_ring_contents(lambda n, s: torch.tensor(ring_contents(n, s))), capsys)
+    passes(checks.check_ring_contents(ring_contents), capsys)
+    passes(checks.check_ring_contents(lambda n, s: torch.tensor(ring_contents(n, s))), capsys)
     in_order = lambda n, s: list(range(max(0, n - s), n)) + [-1] * (s - min(n, s))  # noqa: E731
-    fails(checks_perf.check_ring_contents(in_order), capsys, "p % size")
-    fails(
-        checks_perf.check_ring_contents(lambda n, s: [max(p, 0) for p in ring_contents(n, s)]), capsys, "-1"
-    )
+    fails(checks.check_ring_contents(in_order), capsys, "p % size")
+    fails(checks.check_ring_contents(lambda n, s: [max(p, 0) for p in ring_contents(n, s)]), capsys, "-1")
 
 
 def greedy_with_cache(model, ids, n, one_token=True, shift=0):
@@ -104,14 +94,14 @@ def greedy_with_cache(model, ids, n, one_token=True, shift=0):
 
 
 def test_greedy_with_cache(capsys):
-    passes(checks_perf.check_greedy_with_cache(greedy_with_cache), capsys)
+    passes(checks.check_greedy_with_cache(greedy_with_cache), capsys)
     fails(
-        checks_perf.check_greedy_with_cache(lambda m, i, n: greedy_with_cache(m, i, n, one_token=False)),
+        checks.check_greedy_with_cache(lambda m, i, n: greedy_with_cache(m, i, n, one_token=False)),
         capsys,
         "only the newest token",
     )
     fails(
-        checks_perf.check_greedy_with_cache(lambda m, i, n: greedy_with_cache(m, i, n, shift=1)),
+        checks.check_greedy_with_cache(lambda m, i, n: greedy_with_cache(m, i, n, shift=1)),
         capsys,
         "input_pos",
     )
@@ -121,23 +111,21 @@ def test_greedy_with_cache(capsys):
             ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
         return ids[0, -n:].tolist()
 
-    fails(checks_perf.check_greedy_with_cache(no_cache), capsys, "needs the cache")
+    fails(checks.check_greedy_with_cache(no_cache), capsys, "needs the cache")
 
 
 def test_tokens_processed(capsys):
     def tokens_processed(prompt, new, cached):
         return prompt + new - 1 if cached else sum(prompt + i for i in range(new))
 
-    passes(checks_perf.check_tokens_processed(tokens_processed), capsys)
+    passes(checks.check_tokens_processed(tokens_processed), capsys)
     fails(
-        checks_perf.check_tokens_processed(lambda p, n, c: p + n if c else sum(p + i for i in range(n))),
+        checks.check_tokens_processed(lambda p, n, c: p + n if c else sum(p + i for i in range(n))),
         capsys,
         "one token",
     )
     fails(
-        checks_perf.check_tokens_processed(
-            lambda p, n, c: p + n - 1 if c else sum(p + i for i in range(n + 1))
-        ),
+        checks.check_tokens_processed(lambda p, n, c: p + n - 1 if c else sum(p + i for i in range(n + 1))),
         capsys,
         "never fed back",
     )
@@ -156,21 +144,39 @@ def test_capped_attention(capsys):
         scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
         return (cap * torch.tanh(scores / cap)).softmax(-1) @ v
 
-    passes(checks_perf.check_capped_attention(fixed), capsys)
-    fails(checks_perf.check_capped_attention(checks_perf.capped_attention), capsys, "graph", "torch.where")
-    fails(checks_perf.check_capped_attention(always), capsys, "only when a score exceeds")
+    passes(checks.check_capped_attention(fixed), capsys)
+    fails(checks.check_capped_attention(checks.capped_attention), capsys, "graph", "torch.where")
+    fails(checks.check_capped_attention(always), capsys, "only when a score exceeds")
+
+
+def index_copy(buffer, k, pos):
+    return buffer.index_copy_(2, pos, k)
+
+
+def by_int(buffer, k, pos):
+    p = int(pos)
+    buffer[:, :, p : p + 1] = k
+    return buffer
 
 
 def test_write_kv(capsys):
-    def index_copy(buffer, k, pos):
-        return buffer.index_copy_(2, pos, k)
+    passes(checks.check_write_kv(index_copy), capsys)
+    fails(checks.check_write_kv(lambda b, k, pos: b.index_copy(2, pos, k)), capsys, "in place")
+    fails(checks.check_write_kv(lambda b, k, pos: torch.cat([b, k], dim=2)), capsys, "torch.cat")
+    fails(checks.check_write_kv(by_int), capsys, "traced 6 times", "tensor")
+    fails(checks.check_write_kv(by_int), capsys, "traced 6 times")  # a second run starts afresh
+    compiled = torch.compile(by_int, backend="eager", dynamic=False)
+    fails(checks.check_write_kv(compiled), capsys, "traced 6 times")  # checked as the function it compiles
+    fails(checks.check_write_kv(functools.partial(by_int)), capsys, "traced 6 times")  # any callable
 
-    def by_int(buffer, k, pos):
-        p = int(pos)
-        buffer[:, :, p : p + 1] = k
-        return buffer
 
-    passes(checks_perf.check_write_kv(index_copy), capsys)
-    fails(checks_perf.check_write_kv(lambda b, k, pos: b.index_copy(2, pos, k)), capsys, "in place")
-    fails(checks_perf.check_write_kv(lambda b, k, pos: torch.cat([b, k], dim=2)), capsys, "torch.cat")
-    fails(checks_perf.check_write_kv(by_int), capsys, "traced", "tensor")
+def test_checks_keep_what_the_learner_compiled(capsys):
+    counter = CompileCounter()
+    mine = torch.compile(by_int, backend=counter, dynamic=False)
+    args = torch.zeros(1, 2, 8, 4), torch.randn(1, 2, 1, 4), torch.tensor([3])
+    mine(*args)
+    assert counter.frame_count == 1
+    fails(checks.check_write_kv(by_int), capsys, "traced 6 times")
+    fails(checks.check_capped_attention(checks.capped_attention), capsys, "graph")
+    mine(*args)
+    assert counter.frame_count == 1, "a check threw away the learner's compiled code"

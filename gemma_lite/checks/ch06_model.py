@@ -1,0 +1,158 @@
+"""Checks of chapter 06 (the full model): the model, as a class or loaded; for the exercises, the
+parameter count and the logit lens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import GemmaConfig
+from ..loading import load
+from ..model import Gemma
+from .core import (
+    Cause,
+    Mismatch,
+    build_like,
+    check,
+    compare_modules,
+    expect_close,
+    expect_equal,
+    outputs_by_module,
+    randomize_norms,
+)
+
+
+@contextlib.contextmanager
+def _patched(obj, attr: str, value):
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+def _parameter_difference(mine: nn.Module, ref: nn.Module) -> str | None:
+    """Why the learner's loaded weights differ from the reference's, or None if they agree."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in mine.named_parameters():
+        if name not in ref_params:
+            return f"the reference has no parameter '{name}'"
+        r = ref_params[name]
+        if p.shape != r.shape:
+            return f"parameter '{name}' has shape {tuple(p.shape)}, expected {tuple(r.shape)}"
+        if not torch.equal(p.to(r.dtype), r):
+            offset = (p.float() - r.float()).mean().item()
+            hint = ""
+            if name.endswith("norm.weight") and abs(offset - 1.0) < 1e-3:
+                hint = " by 1.0 everywhere: the GGUF stores norm weights as w + 1, subtract 1 when loading"
+            return f"parameter '{name}' differs from the reference's{hint}"
+    missing = [n for n in ref_params if n not in dict(mine.named_parameters())]
+    return f"your model has no parameter '{missing[0]}'" if missing else None
+
+
+def _model_causes(ref: Gemma, ids: torch.Tensor) -> list[Cause]:
+    def without_final_norm():
+        with _patched(ref, "final_norm", nn.Identity()):
+            return ref(ids)
+
+    def unscaled_embedding():
+        with _patched(ref.tok_embed, "scale", 1.0):
+            return ref(ids)
+
+    def swapped_rope():
+        swapped = nn.ModuleDict({"local": ref.rope["global"], "global": ref.rope["local"]})
+        with _patched(ref, "rope", swapped):
+            return ref(ids)
+
+    return [
+        ("the final norm is missing before the output head", without_final_norm),
+        ("the embedding is not scaled by sqrt(d_model)", unscaled_embedding),
+        (
+            "local and global layers got each other's RoPE: local uses base 10,000, global 1,000,000",
+            swapped_rope,
+        ),
+    ]
+
+
+@check("Gemma")
+def check_model(model_or_cls, reference: Gemma | None = None) -> str:
+    """A model class (checked on the tiny config, random weights) or a loaded model.
+
+    A loaded model is compared with ``reference`` (default: the bundled weights,
+    loaded here), first weight by weight, then logits on 40 random tokens.
+    """
+    if not isinstance(model_or_cls, nn.Module):  # a class (or factory) to build
+        cfg = GemmaConfig.tiny()
+        ref = randomize_norms(Gemma(cfg))
+        mine = build_like(ref, model_or_cls, cfg)
+        ids = torch.randint(0, cfg.vocab_size, (2, 20))
+        what, done = "logits (tiny config, random weights)", "the tiny model's logits match gemma_lite.Gemma"
+    else:
+        mine = model_or_cls.eval()
+        if reference is None:
+            reference, _ = load(device="cpu", dtype=torch.float32, progress=False)
+        ref = reference.eval()
+        problem = _parameter_difference(mine, ref)
+        if problem:
+            raise Mismatch(problem)
+        ids = torch.randint(3, ref.cfg.vocab_size, (1, 40))
+        what, done = "logits (real weights)", "every weight and the logits match the reference model"
+    compare_modules(mine, ref, (ids,), what, _model_causes(ref, ids), atol=1e-4, rtol=1e-4)
+    return done
+
+
+@check("parameter_count")
+def check_parameter_count(fn: Callable[..., int]) -> str:
+    """fn(cfg, tied=True) -> parameters of the whole model; tied=False counts a separate output head."""
+    tiny = GemmaConfig.tiny()
+    tiny_count = Gemma(tiny).num_parameters()
+    real_count = 268_098_176
+    head = GemmaConfig.gemma3_270m().vocab_size * GemmaConfig.gemma3_270m().d_model
+    for name, cfg, tied, expected, extra in (
+        ("tiny", tiny, True, tiny_count, tiny.vocab_size * tiny.d_model),
+        ("tiny", tiny, False, tiny_count + tiny.vocab_size * tiny.d_model, tiny.vocab_size * tiny.d_model),
+        ("270m", GemmaConfig.gemma3_270m(), True, real_count, head),
+        ("270m", GemmaConfig.gemma3_270m(), False, real_count + head, head),
+    ):
+        causes = [
+            ("the tied output head reuses the embedding: count it once", lambda e=expected, x=extra: e + x),
+            ("an untied head is a second vocab_size × d_model matrix", lambda e=expected, x=extra: e - x),
+            ("the final norm (d_model weights) is missing", lambda e=expected, c=cfg: e - c.d_model),
+        ]
+        expect_equal(fn(cfg, tied=tied), expected, f"parameter_count({name}, tied={tied})", causes)
+    return f"{real_count:,} tied, {real_count + head:,} with a separate head"
+
+
+def _logit_lens(model: Gemma, ids: torch.Tensor, layer: int, final_norm: bool = True) -> torch.Tensor:
+    hidden = outputs_by_module(model, {f"blocks.{layer}"}, lambda: model(ids))[f"blocks.{layer}"][0]
+    return model.output_head(model.final_norm(hidden) if final_norm else hidden)
+
+
+@check("logit_lens")
+def check_logit_lens(fn) -> str:
+    """fn(model, ids (B, T), layer) -> logits (B, T, V) read from the output of blocks[layer]."""
+    model = randomize_norms(Gemma(GemmaConfig.tiny()))
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 10))
+    for layer in (0, 3, model.cfg.n_layers - 1):
+        causes = [
+            (
+                "apply the final norm before the output head",
+                lambda la=layer: _logit_lens(model, ids, la, False),
+            ),
+            (
+                "off by one: read the output of blocks[layer]",
+                lambda la=layer: _logit_lens(model, ids, la - 1) if la else _logit_lens(model, ids, 1),
+            ),
+        ]
+        expect_close(
+            fn(model, ids, layer),
+            _logit_lens(model, ids, layer),
+            f"logit_lens(model, ids, {layer})",
+            causes=causes,
+        )
+    return "reads the residual stream after any layer through the final norm and the tied head"
