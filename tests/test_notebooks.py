@@ -67,9 +67,15 @@ ARITHMETIC_PATHS = {
     "default-3-threads": {"OMP_NUM_THREADS": "3"},
 }
 
-# The chapters whose outputs are most sensitive to the arithmetic (logits, keys, cached
-# vs recomputed, probabilities) and cheap to replay; `bash course portable` runs them all.
-REPRESENTATIVE = ["notebooks/04_attention.ipynb", "notebooks/06_model_weights.ipynb", "notebooks/09_kv_cache.ipynb"]
+# The chapters whose outputs are most sensitive to the arithmetic (norms, attention, logits,
+# sampled texts, cached vs recomputed) and quick to replay; `bash course portable` runs all.
+REPRESENTATIVE = [
+    "notebooks/02_embeddings_rmsnorm.ipynb",
+    "notebooks/04_attention.ipynb",
+    "notebooks/06_model_weights.ipynb",
+    "notebooks/07_generation.ipynb",
+    "notebooks/09_kv_cache.ipynb",
+]
 
 
 def notebooks_to_replay() -> list[str]:
