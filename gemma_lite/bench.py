@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .devices import dtype_name
 from .generate import Generator, _sync
 from .memory import resident_bytes
 
@@ -131,7 +132,7 @@ class PeakMemory:
 def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak) -> BenchRow:
     return BenchRow(
         mode=mode,
-        dtype=str(model_dtype).removeprefix("torch."),
+        dtype=dtype_name(model_dtype),
         device=str(device),
         new_tokens=new_tokens,
         decode_tok_s=round(decode, 2),

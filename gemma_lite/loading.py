@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import resolve_device, resolve_dtype
 from .model import Gemma
 from .tokenizer import GemmaTokenizer
 from .weights import (
@@ -15,24 +16,13 @@ from .weights import (
     bundled_gguf_path,
     config_from_gguf,
     config_from_hf,
-    default_dtype,
     empty_model,
     hub_snapshot,
     load_gguf_weights,
     load_safetensors_weights,
     open_gguf,
-    resolve_device,
     sha256_file,
 )
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def release_freed_memory() -> None:
@@ -45,18 +35,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (macOS, Windows): nothing to do
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 def load(

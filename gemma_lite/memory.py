@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import GemmaConfig
+from .devices import dtype_name
 
 FP32 = 4  # bytes: optimizer states, norm internals and the loss are kept in fp32
 INDEX = 8  # bytes of one int64 slot position in the KV cache
@@ -274,7 +275,7 @@ def memory_report(
     train_seq: int = 512,
 ) -> str:
     """The tables ``python -m gemma_lite memory`` prints: parameters, inference, training, KV cache."""
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     counts = parameter_count(cfg)
     b = dtype_bytes(dtype)
     lines = [f"Parameters ({name}, {b} bytes each)"]

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GemmaConfig
+from .devices import dtype_name
 from .gguf_file import GGUFError, GGUFFile
 from .model import Gemma
 
@@ -77,43 +78,6 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- devices
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` picks cuda, then mps, then cpu. A named device must be available."""
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise RuntimeError(
-            f"device '{device}' was requested but is not available on this machine "
-            f"(available: {', '.join(k for k, ok in available.items() if ok)}). "
-            "Pass device=None to pick the best available one."
-        )
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise RuntimeError(
-            f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    return device
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU and MPS (exact parity with the reference); bf16 on CUDA when supported."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def empty_model(cfg: GemmaConfig, device: torch.device, dtype: torch.dtype) -> Gemma:
@@ -368,7 +332,7 @@ def save_pretrained(model: Gemma, tokenizer, path: str | Path, max_shard_bytes: 
         "bos_token_id": cfg.bos_id,
         "eos_token_id": cfg.eos_id,
         "pad_token_id": cfg.pad_id,
-        "torch_dtype": str(model.dtype).removeprefix("torch."),
+        "torch_dtype": dtype_name(model.dtype),
     }
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     tensors = {external_name(n, "hf"): p.detach().contiguous().cpu() for n, p in model.named_parameters()}

@@ -24,18 +24,9 @@ import torch
 from matplotlib.figure import Figure
 
 from .bench import DEFAULT_PROMPT, MODES, BenchRow, format_table, run_benchmark
+from .devices import DTYPE_NAMES, DTYPES, available_devices
 
-DTYPES = ("float32", "bfloat16", "float16")
 ModelFor = Callable[[str, torch.dtype], tuple]  # (device, dtype) -> (model, tokenizer)
-
-
-def available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def load_for_benchmark(device: str, dtype: torch.dtype) -> tuple:
@@ -62,8 +53,8 @@ class Settings:
         unknown = set(self.modes) - set(MODES)
         if not self.modes or unknown:
             raise ValueError(f"choose one or more modes from {', '.join(MODES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype}")
         if not self.new_tokens or any(n < 2 for n in self.new_tokens):
             raise ValueError("new tokens: one or more whole numbers of at least 2, like 32 or 16, 64")
         if self.runs < 1:
@@ -128,7 +119,7 @@ class BenchmarkSession:
             if on_row is not None:
                 on_row(run, row)
 
-        dtype = getattr(torch, settings.dtype)
+        dtype = DTYPES[settings.dtype]
         try:
             run_benchmark(
                 lambda d: self.model(settings.device, d),
@@ -245,7 +236,7 @@ class BenchmarkDashboard:
 
         s = self.settings
         self.device = w.Dropdown(options=available_devices(), value=s.device, description="device")
-        self.dtype = w.Dropdown(options=DTYPES, value=s.dtype, description="dtype")
+        self.dtype = w.Dropdown(options=DTYPE_NAMES, value=s.dtype, description="dtype")
         self.modes = {
             m: w.Checkbox(value=m in s.modes, description=m, indent=False, layout=w.Layout(width="160px"))
             for m in MODES

@@ -28,7 +28,8 @@ from helpers import (
 
 import gemma_lite
 from gemma_lite import Gemma, GemmaConfig
-from gemma_lite.weights import WeightsError, bundled_gguf_path, resolve_device, save_pretrained
+from gemma_lite.devices import resolve_device
+from gemma_lite.weights import WeightsError, bundled_gguf_path, save_pretrained
 
 REPO = "google/gemma-3-270m"
 PROMPT = "Gemma belajar bahasa: ภาษาไทย, English, and code() {}"

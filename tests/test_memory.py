@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from helpers import PYTHON, REPO_ROOT, python_env
 
 from gemma_lite import Gemma, GemmaConfig, KVCache
+from gemma_lite.devices import dtype_name
 from gemma_lite.memory import (
     TensorMemory,
     activation_bytes,
@@ -269,7 +270,7 @@ else:
 def test_resident_memory_after_loading(dtype):
     """Peak resident memory of a fresh process = runtime + tokenizer (measured) + weights (predicted)."""
     tokenizer = run_python(LOAD, "tokenizer")
-    load = run_python(LOAD, str(dtype).removeprefix("torch."))
+    load = run_python(LOAD, dtype_name(dtype))
     predicted = load["start"] + (tokenizer["end"] - tokenizer["start"]) + model_bytes(REAL, dtype)
     assert load["peak"] == pytest.approx(predicted, rel=0.06)
 
