@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from .bench import DEFAULT_PROMPT, MODES, BenchRow, format_table, run_benchmark
 from .devices import DTYPE_NAMES, DTYPES, available_devices
+from .measure import MB
 
 ModelFor = Callable[[str, torch.dtype], tuple]  # (device, dtype) -> (model, tokenizer)
 
@@ -164,7 +165,7 @@ class BenchmarkSession:
             shown = [m for m in modes if m in longest]
             bars = speed.bar(xs, [longest[m].decode_tok_s for m in shown], width, label=run.label)
             speed.bar_label(bars, fmt="%.1f", fontsize="small")
-            memory.bar(xs, [longest[m].peak_mem_mb for m in shown], width, label=run.label)
+            memory.bar(xs, [longest[m].peak_mem_bytes / MB for m in shown], width, label=run.label)
             for mode in _modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)
                 length.plot(

@@ -41,7 +41,7 @@ def test_run_benchmark_rows_table_and_json(tmp_path):
     ]
     assert seen == rows
     for r in rows:
-        assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_mb > 0
+        assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_bytes > 0
         assert r.torch == torch.__version__ and r.machine and r.device == "cpu"
     table = format_table(rows)
     assert "decode tok/s" in table and "regular" in table and torch.__version__ in table
@@ -67,7 +67,7 @@ def test_table_shows_ratio_to_hf_best():
         new_tokens=8,
         prefill_tok_s=1.0,
         compile_s=0.0,
-        peak_mem_mb=1.0,
+        peak_mem_bytes=1_000_000,
         torch="x",
         machine="m",
     )
