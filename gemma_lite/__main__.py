@@ -113,7 +113,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .weights import bundled_gguf_path
+    from .gguf_file import bundled_gguf_path
 
     print(bundled_gguf_path())
     return 0

@@ -119,7 +119,7 @@ def load_hf_reference(dtype: torch.dtype, device: torch.device):
         import transformers
     except ImportError as e:
         raise RuntimeError("--compare-hf needs HF transformers: pip install transformers accelerate") from e
-    from .weights import bundled_gguf_path
+    from .gguf_file import bundled_gguf_path
 
     path = bundled_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gemma_lite
-from gemma_lite.weights import bundled_gguf_path
+from gemma_lite.gguf_file import bundled_gguf_path
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -37,7 +37,7 @@ def tokenizer(gguf_path):
 @pytest.fixture(scope="session")
 def real_hf_dir(real, tmp_path_factory):
     """The real model and tokenizer written as a Hugging Face directory (one safetensors file)."""
-    from gemma_lite.weights import save_pretrained
+    from gemma_lite.huggingface import save_pretrained
 
     return save_pretrained(*real, tmp_path_factory.mktemp("gemma-hf"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import torch
 
 from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer
+from gemma_lite.gguf_file import sha256_file
+from gemma_lite.huggingface import config_to_hf
 from gemma_lite.weights import external_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,38 +22,10 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_text_config(cfg: GemmaConfig, attn_implementation: str = "eager"):
-    """transformers' ``Gemma3TextConfig`` describing the same model as ``cfg``.
-
-    transformers 5 spells the two RoPE bases as ``rope_parameters`` per layer
-    type, and the local/global pattern as an explicit ``layer_types`` list.
-    """
+    """transformers' ``Gemma3TextConfig`` for ``cfg``: what ``save_pretrained`` writes to config.json."""
     import transformers
 
-    layer_types = ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)]
-    return transformers.Gemma3TextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        sliding_window=cfg.sliding_window,
-        layer_types=layer_types,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_global_base},
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base},
-        },
-        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_norm_eps,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        bos_token_id=cfg.bos_id,
-        eos_token_id=cfg.eos_id,
-        pad_token_id=cfg.pad_id,
-        attn_implementation=attn_implementation,
-    )
+    return transformers.Gemma3TextConfig(**config_to_hf(cfg), attn_implementation=attn_implementation)
 
 
 def random_hf_model(cfg: GemmaConfig, attn_implementation: str = "eager", seed: int = 0):
@@ -105,11 +78,7 @@ def make_hub_cache(files_from: Path, cache_dir: Path, repo_id: str, commit: str 
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for file in sorted(files_from.iterdir()):
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        blob = repo / "blobs" / digest.hexdigest()
+        blob = repo / "blobs" / sha256_file(file)
         os.link(file, blob)  # a hard link: no copy of a 1 GB checkpoint
         (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
     (repo / "refs" / "main").write_text(commit)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from gemma_lite import checks
 from gemma_lite.generate import apply_repetition_penalty, filter_logits
+from gemma_lite.gguf_file import bundled_gguf_path, open_gguf
 from gemma_lite.layers import (
     Attention,
     Block,
@@ -28,7 +29,6 @@ from gemma_lite.layers import (
 )
 from gemma_lite.model import Gemma
 from gemma_lite.tokenizer import GemmaTokenizer
-from gemma_lite.weights import bundled_gguf_path, open_gguf
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ import json, sys, torch, gemma_lite
 from gemma_lite.loading import release_freed_memory
 from gemma_lite.measure import peak_resident_bytes, resident_bytes
 from gemma_lite.tokenizer import GemmaTokenizer
-from gemma_lite.weights import bundled_gguf_path, open_gguf
+from gemma_lite.gguf_file import bundled_gguf_path, open_gguf
 
 start = resident_bytes()
 if sys.argv[1] == "tokenizer":
