@@ -1,4 +1,4 @@
-"""Helpers shared by the test modules: tiny models, the HF config that matches ours, a hub cache."""
+"""Helpers shared by the test modules: tiny models and tokenizers, check results, the HF twin, a hub cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer
+from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer, checks
 from gemma_lite.gguf_file import sha256_file
 from gemma_lite.huggingface import config_to_hf
 from gemma_lite.weights import external_name
@@ -19,6 +19,62 @@ FAKE_COMMIT = "0123456789abcdef" * 2 + "01234567"  # 40 hex digits, like a git c
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def random_model(cfg: GemmaConfig | None = None, dtype=torch.float32, device="cpu", seed: int = 0) -> Gemma:
+    """``cfg`` (default ``GemmaConfig.tiny()``) with every weight N(0, 0.3), norms included.
+
+    Random norms make a wrong ``(1 + w)`` convention show; the fixed seed makes
+    the same model in every test module.
+    """
+    torch.manual_seed(seed)
+    model = Gemma(cfg or GemmaConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.to(device=device, dtype=dtype)
+
+
+class CharTokenizer:
+    """Ids 0-2 are <pad>, <eos>, <bos>; id 3 + k is the k-th printable ASCII character (98 ids)."""
+
+    pad_id, eos_id, bos_id = 0, 1, 2
+    vocab_size = 98
+
+    def encode(self, text, add_bos=True):
+        return [self.bos_id] * add_bos + [3 + (ord(c) - 32) % 95 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(32 + i - 3) for i in ids if i >= 3)
+
+
+def tiny_model_for(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Gemma, CharTokenizer]:
+    """(model, tokenizer) for the benchmark and the dashboard: a tiny model that reads ASCII text."""
+    return random_model(GemmaConfig.tiny(vocab_size=CharTokenizer.vocab_size), dtype, device), CharTokenizer()
+
+
+def passes(result, capsys) -> None:
+    """A check passed and printed its PASS line."""
+    out = capsys.readouterr().out
+    assert result, out
+    assert result.passed and result.done
+    assert out.startswith(checks.PASS), out
+
+
+def fails(result, capsys, *words: str) -> str:
+    """A check failed, printed its FAIL line, and named each of ``words``."""
+    out = capsys.readouterr().out
+    assert not result, out
+    assert result.done, out
+    assert out.startswith(checks.FAIL), out
+    for word in words:
+        assert word in out, f"{word!r} not in {out!r}"
+    return out
+
+
+def todo(*args, **kwargs):
+    """A learner's function that is still a TODO."""
+    raise NotImplementedError
 
 
 def hf_text_config(cfg: GemmaConfig, attn_implementation: str = "eager"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_checks import fails, passes, todo
+from helpers import fails, passes, todo
 
 from gemma_lite import checks, checks_perf
 from gemma_lite.memory import dtype_bytes, kv_cache_bytes
@@ -146,6 +146,7 @@ def test_tokens_processed(capsys):
 # ---------------------------------------------------------------- 10 torch.compile
 
 
+@pytest.mark.compile
 def test_capped_attention(capsys):
     def fixed(q, k, v, cap=5.0):
         scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
@@ -161,6 +162,7 @@ def test_capped_attention(capsys):
     fails(checks_perf.check_capped_attention(always), capsys, "only when a score exceeds")
 
 
+@pytest.mark.compile
 def test_write_kv(capsys):
     def index_copy(buffer, k, pos):
         return buffer.index_copy_(2, pos, k)

@@ -31,7 +31,6 @@ from helpers import (
 import gemma_lite
 from gemma_lite import Gemma, GemmaConfig
 from gemma_lite.devices import resolve_device
-from gemma_lite.gguf_file import bundled_gguf_path
 from gemma_lite.huggingface import config_from_hf, save_pretrained
 from gemma_lite.weights import WeightsError, empty_model
 
@@ -274,8 +273,8 @@ def test_truncated_safetensors(tmp_path, keep):
 
 
 @pytest.mark.parametrize("keep", ["header", "data"])
-def test_truncated_gguf(tmp_path, keep):
-    source = bundled_gguf_path()
+def test_truncated_gguf(gguf_path, tmp_path, keep):
+    source = gguf_path
     size = source.stat().st_size
     n = 2_000_000 if keep == "header" else size - 4096  # the vocabulary alone is ~4 MB of header
     target = tmp_path / "short.gguf"
@@ -294,10 +293,10 @@ def test_not_a_gguf_file(tmp_path):
         gemma_lite.load(target, device="cpu")
 
 
-def test_checksum_mismatch_of_a_gguf_file():
+def test_checksum_mismatch_of_a_gguf_file(gguf_path):
     message = r"checksum mismatch: .*does not have the expected sha256 0{64}.*download it again"
     with pytest.raises(WeightsError, match=message):
-        gemma_lite.load(bundled_gguf_path(), device="cpu", sha256="0" * 64)
+        gemma_lite.load(gguf_path, device="cpu", sha256="0" * 64)
 
 
 def test_damaged_bundled_file(tmp_path, monkeypatch):
