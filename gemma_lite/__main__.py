@@ -52,9 +52,8 @@ def cmd_bench(args) -> int:
 
     from . import load
     from .bench import MODES, format_table, profile_decode, run_benchmark, write_json
+    from .devices import dtype_name, resolve_device, resolve_dtype
     from .fast import optimize_for_decode
-    from .loading import resolve_dtype
-    from .weights import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,7 +66,7 @@ def cmd_bench(args) -> int:
 
     def model_for(dtype):
         model, tokenizer = load(args.source, device, dtype, progress=False)
-        kernels[str(dtype)] = optimize_for_decode(model)
+        kernels[dtype_name(dtype)] = optimize_for_decode(model)
         return model, tokenizer
 
     def show(row):
@@ -87,7 +86,7 @@ def cmd_bench(args) -> int:
     print(format_table(rows))
     print(
         "decode kernels (measured, see gemma_lite/fast.py): "
-        + ", ".join(f"{k.removeprefix('torch.')}: {v}" for k, v in kernels.items())
+        + ", ".join(f"{name}: {kernel}" for name, kernel in kernels.items())
     )
     if args.json:
         write_json(rows, args.json)
@@ -99,7 +98,7 @@ def cmd_memory(args) -> int:
     import torch
 
     from .config import GemmaConfig
-    from .loading import resolve_dtype
+    from .devices import resolve_dtype
     from .memory import memory_report
 
     cfg = GemmaConfig.tiny() if args.config == "tiny" else GemmaConfig.gemma3_270m()
@@ -114,7 +113,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .weights import bundled_gguf_path
+    from .gguf_file import bundled_gguf_path
 
     print(bundled_gguf_path())
     return 0

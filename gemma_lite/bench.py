@@ -1,4 +1,4 @@
-"""Timing and memory measurement; the ``python -m gemma_lite bench`` command.
+"""The benchmark: tokens/s and peak memory of each way to generate; ``python -m gemma_lite bench``.
 
 Four ways to generate, as in Sebastian Raschka's "Gemma 3 270M From Scratch" table:
 
@@ -14,7 +14,8 @@ kv-compiled        KV cache + compiled one-token decode step (fixed shapes)
 prints our speed as a ratio of HF's best mode for each dtype.
 
 Timing done right: a warm-up call first (which also compiles), device sync,
-only generated tokens counted, the median of ``runs`` runs.
+only generated tokens counted, the median of ``runs`` runs. The tools that
+measure (``Stopwatch``, ``PeakMemory``) live in ``measure.py``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ import json
 import os
 import platform
 import statistics
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .generate import Generator, _sync
-from .memory import resident_bytes
+from .devices import dtype_name
+from .generate import Generator
+from .measure import MB, PeakMemory, Stopwatch, parameter_bytes
 
 MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
 HF_MODES = ("hf-dynamic", "hf-static-compiled")
@@ -47,13 +47,9 @@ class BenchRow:
     decode_tok_s: float
     prefill_tok_s: float
     compile_s: float
-    peak_mem_mb: float  # the model's weights + peak working memory of the run (cache, activations, compile)
+    peak_mem_bytes: int  # the model's weights + peak working memory of the run (cache, activations, compile)
     torch: str
     machine: str
-
-
-def weights_mb(model) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
 def machine_name(device: torch.device | str = "cpu") -> str:
@@ -72,72 +68,16 @@ def machine_name(device: torch.device | str = "cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def resident_mb() -> float:
-    return resident_bytes() / 2**20
-
-
-def _linux_peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-class PeakMemory:
-    """Peak memory while the block runs (``peak_mb``), and how much above the start (``extra_mb``).
-
-    CUDA: the allocator's peak. Linux: the kernel's resident high-water mark
-    (VmHWM), reset on entry through /proc/self/clear_refs, so nothing runs
-    beside the timed code. Elsewhere: resident memory sampled by a thread.
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device, self.interval, self.peak_mb, self.start_mb = device, interval, 0.0, 0.0
-        self._linux = os.path.exists("/proc/self/clear_refs")
-
-    @property
-    def extra_mb(self) -> float:
-        return max(0.0, self.peak_mb - self.start_mb)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            return self
-        self.start_mb = resident_mb()
-        if self._linux:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the high-water mark to the current resident size
-        else:
-            self._stop = threading.Event()
-            self.peak_mb = resident_mb()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_mb = max(self.peak_mb, resident_mb())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self._linux:
-            self.peak_mb = _linux_peak_mb()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self.peak_mb, resident_mb())
-
-
 def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak) -> BenchRow:
     return BenchRow(
         mode=mode,
-        dtype=str(model_dtype).removeprefix("torch."),
+        dtype=dtype_name(model_dtype),
         device=str(device),
         new_tokens=new_tokens,
         decode_tok_s=round(decode, 2),
         prefill_tok_s=round(prefill, 1),
         compile_s=round(compile_s, 1),
-        peak_mem_mb=round(peak, 1),
+        peak_mem_bytes=peak,
         torch=torch.__version__,
         machine=machine_name(device),
     )
@@ -160,17 +100,16 @@ def bench_ours(
         mode, Generator(model, tokenizer, use_cache=mode.startswith("kv"), compile=mode.endswith("compiled"))
     )
     with PeakMemory(model.device) as mem:
-        start = time.perf_counter()
         # warm-up (compiles on first use); with a cache, the same length gives the same cache shape
-        warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
-        warm_s = time.perf_counter() - start
+        with Stopwatch(model.device) as warm_watch:
+            warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
         results = [gen(prompt, new_tokens, stop_at_eos=False) for _ in range(runs)]
     decode = statistics.median(r.decode_tok_s for r in results)
     prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
     # compile time: the warm-up's excess over a normal call (0 once this shape is compiled)
     typical = warm.prefill_s + sum(results[0].step_times[: len(warm.step_times)])
-    compile_s = max(0.0, warm_s - typical) if mode.endswith("compiled") else 0.0
-    peak = weights_mb(model) + mem.extra_mb
+    compile_s = max(0.0, warm_watch.seconds - typical) if mode.endswith("compiled") else 0.0
+    peak = parameter_bytes(model) + mem.growth
     return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, peak)
 
 
@@ -180,7 +119,7 @@ def load_hf_reference(dtype: torch.dtype, device: torch.device):
         import transformers
     except ImportError as e:
         raise RuntimeError("--compare-hf needs HF transformers: pip install transformers accelerate") from e
-    from .weights import bundled_gguf_path
+    from .gguf_file import bundled_gguf_path
 
     path = bundled_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -205,13 +144,10 @@ def bench_hf(
         hf_model.forward = getattr(hf_model, "_gemma_lite_eager_forward", hf_model.forward)
 
     def timed(n: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
+        with Stopwatch(device) as watch, torch.inference_mode():
             out = hf_model.generate(ids, max_new_tokens=n, **{**options, "min_new_tokens": n})
-        _sync(device)
         assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - start
+        return watch.seconds
 
     with PeakMemory(device) as mem:
         first = timed(new_tokens)  # warm-up (and compile) for both lengths timed below
@@ -228,7 +164,7 @@ def bench_hf(
         decode,
         ids.shape[1] / one,
         compile_s,
-        weights_mb(hf_model) + mem.extra_mb,
+        parameter_bytes(hf_model) + mem.growth,
     )
 
 
@@ -297,7 +233,7 @@ def profile_decode(model, tokenizer, steps: int = 20, prompt: str = DEFAULT_PROM
             continue  # wrappers: their time is their children's
         group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "everything else")
         spent[group] += event.self_cpu_time_total / 1e3 / len(result.step_times)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = parameter_bytes(model)
     bandwidth = max(measure_head_kernels(model).values())
     bound_ms = weight_bytes / bandwidth / 1e6
     lines = [
@@ -319,13 +255,13 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             hf_best[key] = max(hf_best.get(key, 0.0), r.decode_tok_s)
     head = (
         f"{'mode':<19}{'dtype':<10}{'new tok':>8}{'decode tok/s':>14}{'prefill tok/s':>15}"
-        f"{'compile s':>11}{'peak MB':>9}"
+        f"{'compile s':>11}{'peak MB':>9}"  # MB = 10**6 bytes, as everywhere in the course
     )
     lines = [head + ("   vs HF best" if hf_best else ""), "-" * (len(head) + (13 if hf_best else 0))]
     for r in rows:
         line = (
             f"{r.mode:<19}{r.dtype:<10}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}{r.prefill_tok_s:>15.1f}"
-            f"{r.compile_s:>11.1f}{r.peak_mem_mb:>9.0f}"
+            f"{r.compile_s:>11.1f}{r.peak_mem_bytes / MB:>9.0f}"
         )
         best = hf_best.get((r.dtype, r.new_tokens))
         if best:

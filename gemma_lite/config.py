@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class GemmaConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> GemmaConfig:
-        """A few-thousand-parameter model with the same structure, for fast tests.
+        """A model of about 256k parameters (255,744) with the same structure, for fast tests.
 
         Its window is 8 tokens, so a 40-token test prompt already runs well past it.
         """
@@ -77,6 +77,3 @@ class GemmaConfig:
 
     def replace(self, **changes) -> GemmaConfig:
         return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return asdict(self)

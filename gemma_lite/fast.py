@@ -18,13 +18,13 @@ matrix-vector ("gemv") path in every linear layer. Numerics stay the same
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .kernels import gemv, linear
+from .measure import Stopwatch
 from .model import Gemma
 
 
@@ -55,9 +55,9 @@ def measure_head_kernels(model: Gemma, rows: int = 131_072, rounds: int = 7) -> 
             fn()  # warm-up
         for _ in range(rounds):
             for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                with Stopwatch(weight.device) as watch:
+                    fn()
+                times[name].append(watch.seconds)
     nbytes = weight.numel() * weight.element_size()
     return {name: nbytes / statistics.median(t) / 1e9 for name, t in times.items()}
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import KVCache
+from .measure import sync
 from .model import Gemma
 
 # ---------------------------------------------------------------- sampling
@@ -131,13 +132,6 @@ def decode_one(
 ) -> torch.Tensor:
     """One decode step: token (B, 1) at position input_pos (1,) -> logits (B, V)."""
     return model(token, input_pos, cache, valid_from)[:, -1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 class Generator:
@@ -271,7 +265,7 @@ class Generator:
         else:
             logits = self.forward_fn()(ids, valid_from=valid_from, last_only=True)[:, -1]
         token = next_token(logits, sampling, rng, seen)
-        _sync(self.device)
+        sync(self.device)
         out.prefill_s = time.perf_counter() - t0
 
         step = self.step_fn()
@@ -312,7 +306,7 @@ class Generator:
                 seq = torch.cat([seq, token[:, None]], dim=1)
                 logits = self.forward_fn()(seq, valid_from=valid_from, last_only=True)[:, -1]
             token = next_token(logits, sampling, rng, seen)
-            _sync(self.device)
+            sync(self.device)
             out.step_times.append(time.perf_counter() - t_step)
         out.decode_s = time.perf_counter() - t_decode
         if not watch_text:

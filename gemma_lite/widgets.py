@@ -24,18 +24,10 @@ import torch
 from matplotlib.figure import Figure
 
 from .bench import DEFAULT_PROMPT, MODES, BenchRow, format_table, run_benchmark
+from .devices import DTYPE_NAMES, DTYPES, available_devices
+from .measure import MB
 
-DTYPES = ("float32", "bfloat16", "float16")
 ModelFor = Callable[[str, torch.dtype], tuple]  # (device, dtype) -> (model, tokenizer)
-
-
-def available_devices() -> list[str]:
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def load_for_benchmark(device: str, dtype: torch.dtype) -> tuple:
@@ -62,8 +54,8 @@ class Settings:
         unknown = set(self.modes) - set(MODES)
         if not self.modes or unknown:
             raise ValueError(f"choose one or more modes from {', '.join(MODES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype}")
         if not self.new_tokens or any(n < 2 for n in self.new_tokens):
             raise ValueError("new tokens: one or more whole numbers of at least 2, like 32 or 16, 64")
         if self.runs < 1:
@@ -128,7 +120,7 @@ class BenchmarkSession:
             if on_row is not None:
                 on_row(run, row)
 
-        dtype = getattr(torch, settings.dtype)
+        dtype = DTYPES[settings.dtype]
         try:
             run_benchmark(
                 lambda d: self.model(settings.device, d),
@@ -173,7 +165,7 @@ class BenchmarkSession:
             shown = [m for m in modes if m in longest]
             bars = speed.bar(xs, [longest[m].decode_tok_s for m in shown], width, label=run.label)
             speed.bar_label(bars, fmt="%.1f", fontsize="small")
-            memory.bar(xs, [longest[m].peak_mem_mb for m in shown], width, label=run.label)
+            memory.bar(xs, [longest[m].peak_mem_bytes / MB for m in shown], width, label=run.label)
             for mode in _modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)
                 length.plot(
@@ -254,7 +246,7 @@ class BenchmarkDashboard:
 
         s = self.settings
         self.device = w.Dropdown(options=available_devices(), value=s.device, description="device")
-        self.dtype = w.Dropdown(options=DTYPES, value=s.dtype, description="dtype")
+        self.dtype = w.Dropdown(options=DTYPE_NAMES, value=s.dtype, description="dtype")
         self.modes = {
             m: w.Checkbox(value=m in s.modes, description=m, indent=False, layout=w.Layout(width="160px"))
             for m in MODES

@@ -1,4 +1,9 @@
-"""Shared fixtures: the real model (loaded once per session) and the HF reference."""
+"""Shared fixtures: the real model (loaded once per session) and the HF reference.
+
+Every test that uses one of them is marked ``slow``: ``bash course quick``
+(``-m "not slow"``) runs without the real weights. Tiny models and the
+helpers every test module shares live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,18 @@ import pytest
 import torch
 
 import gemma_lite
-from gemma_lite.weights import bundled_gguf_path
+from gemma_lite.gguf_file import bundled_gguf_path
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+REAL_WEIGHTS = {"gguf_path", "real", "tokenizer", "real_hf_dir", "hf_model", "hf_tokenizer"}  # fixtures below
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_WEIGHTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +51,7 @@ def tokenizer(gguf_path):
 @pytest.fixture(scope="session")
 def real_hf_dir(real, tmp_path_factory):
     """The real model and tokenizer written as a Hugging Face directory (one safetensors file)."""
-    from gemma_lite.weights import save_pretrained
+    from gemma_lite.huggingface import save_pretrained
 
     return save_pretrained(*real, tmp_path_factory.mktemp("gemma-hf"))
 

@@ -1,15 +1,16 @@
-"""Helpers shared by the test modules: tiny models, the HF config that matches ours, a hub cache."""
+"""Helpers shared by the test modules: tiny models and tokenizers, check results, the HF twin, a hub cache."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer
+from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer, checks
+from gemma_lite.gguf_file import sha256_file
+from gemma_lite.huggingface import config_to_hf
 from gemma_lite.weights import external_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -20,39 +21,67 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def hf_text_config(cfg: GemmaConfig, attn_implementation: str = "eager"):
-    """transformers' ``Gemma3TextConfig`` describing the same model as ``cfg``.
+def random_model(cfg: GemmaConfig | None = None, dtype=torch.float32, device="cpu", seed: int = 0) -> Gemma:
+    """``cfg`` (default ``GemmaConfig.tiny()``) with every weight N(0, 0.3), norms included.
 
-    transformers 5 spells the two RoPE bases as ``rope_parameters`` per layer
-    type, and the local/global pattern as an explicit ``layer_types`` list.
+    Random norms make a wrong ``(1 + w)`` convention show; the fixed seed makes
+    the same model in every test module.
     """
+    torch.manual_seed(seed)
+    model = Gemma(cfg or GemmaConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.to(device=device, dtype=dtype)
+
+
+class CharTokenizer:
+    """Ids 0-2 are <pad>, <eos>, <bos>; id 3 + k is the k-th printable ASCII character (98 ids)."""
+
+    pad_id, eos_id, bos_id = 0, 1, 2
+    vocab_size = 98
+
+    def encode(self, text, add_bos=True):
+        return [self.bos_id] * add_bos + [3 + (ord(c) - 32) % 95 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(32 + i - 3) for i in ids if i >= 3)
+
+
+def tiny_model_for(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Gemma, CharTokenizer]:
+    """(model, tokenizer) for the benchmark and the dashboard: a tiny model that reads ASCII text."""
+    return random_model(GemmaConfig.tiny(vocab_size=CharTokenizer.vocab_size), dtype, device), CharTokenizer()
+
+
+def passes(result, capsys) -> None:
+    """A check passed and printed its PASS line."""
+    out = capsys.readouterr().out
+    assert result, out
+    assert result.passed and result.done
+    assert out.startswith(checks.PASS), out
+
+
+def fails(result, capsys, *words: str) -> str:
+    """A check failed, printed its FAIL line, and named each of ``words``."""
+    out = capsys.readouterr().out
+    assert not result, out
+    assert result.done, out
+    assert out.startswith(checks.FAIL), out
+    for word in words:
+        assert word in out, f"{word!r} not in {out!r}"
+    return out
+
+
+def todo(*args, **kwargs):
+    """A learner's function that is still a TODO."""
+    raise NotImplementedError
+
+
+def hf_text_config(cfg: GemmaConfig, attn_implementation: str = "eager"):
+    """transformers' ``Gemma3TextConfig`` for ``cfg``: what ``save_pretrained`` writes to config.json."""
     import transformers
 
-    layer_types = ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.n_layers)]
-    return transformers.Gemma3TextConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        sliding_window=cfg.sliding_window,
-        layer_types=layer_types,
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_global_base},
-            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base},
-        },
-        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_norm_eps,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        bos_token_id=cfg.bos_id,
-        eos_token_id=cfg.eos_id,
-        pad_token_id=cfg.pad_id,
-        attn_implementation=attn_implementation,
-    )
+    return transformers.Gemma3TextConfig(**config_to_hf(cfg), attn_implementation=attn_implementation)
 
 
 def random_hf_model(cfg: GemmaConfig, attn_implementation: str = "eager", seed: int = 0):
@@ -105,11 +134,7 @@ def make_hub_cache(files_from: Path, cache_dir: Path, repo_id: str, commit: str 
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for file in sorted(files_from.iterdir()):
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        blob = repo / "blobs" / digest.hexdigest()
+        blob = repo / "blobs" / sha256_file(file)
         os.link(file, blob)  # a hard link: no copy of a 1 GB checkpoint
         (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
     (repo / "refs" / "main").write_text(commit)

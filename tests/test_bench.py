@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from test_generate import CharTokenizer
+from helpers import tiny_model_for
 
-from gemma_lite import Gemma, GemmaConfig
 from gemma_lite.bench import (
     MODES,
     BenchRow,
@@ -18,11 +18,6 @@ from gemma_lite.bench import (
     run_benchmark,
     write_json,
 )
-
-
-def tiny_model_for(dtype):
-    torch.manual_seed(0)
-    return Gemma(GemmaConfig.tiny(vocab_size=98)).to(dtype).eval(), CharTokenizer()
 
 
 def test_run_benchmark_rows_table_and_json(tmp_path):
@@ -41,10 +36,10 @@ def test_run_benchmark_rows_table_and_json(tmp_path):
     ]
     assert seen == rows
     for r in rows:
-        assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_mb > 0
+        assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_bytes > 0
         assert r.torch == torch.__version__ and r.machine and r.device == "cpu"
-    table = format_table(rows)
-    assert "decode tok/s" in table and "regular" in table and torch.__version__ in table
+    lines = format_table(rows).splitlines()
+    assert [line.split()[:3] for line in lines[2:-1]] == [[r.mode, r.dtype, str(r.new_tokens)] for r in rows]
     path = tmp_path / "rows.json"
     write_json(rows, str(path))
     assert [BenchRow(**r) for r in json.loads(path.read_text())] == rows
@@ -67,7 +62,7 @@ def test_table_shows_ratio_to_hf_best():
         new_tokens=8,
         prefill_tok_s=1.0,
         compile_s=0.0,
-        peak_mem_mb=1.0,
+        peak_mem_bytes=1_000_000,
         torch="x",
         machine="m",
     )
@@ -75,7 +70,14 @@ def test_table_shows_ratio_to_hf_best():
         BenchRow(mode="kv", decode_tok_s=30.0, **common),
         BenchRow(mode="hf-dynamic", decode_tok_s=15.0, **common),
     ]
-    assert "2.00x" in format_table(rows)
+    assert [line.split()[-1] for line in format_table(rows).splitlines()[2:4]] == ["2.00x", "1.00x"]
+
+
+def test_table_prints_peak_memory_in_mb_of_a_million_bytes():
+    row = BenchRow("kv", "float32", "cpu", 8, 30.0, 1.0, 0.0, 536_870_912, torch="", machine="")
+    header, _, line = format_table([row]).splitlines()[:3]
+    assert header.split()[-2:] == ["peak", "MB"]
+    assert line.split()[-1] == "537"  # 536,870,912 bytes = 512 MiB = 537 MB
 
 
 @pytest.mark.slow
@@ -84,7 +86,11 @@ def test_hf_rows_on_the_real_model(real, hf_model):
     assert row.mode == "hf-dynamic" and row.decode_tok_s > 0 and row.new_tokens == 8
 
 
+@pytest.mark.compile
 def test_profile_names_where_the_time_goes():
     model, tokenizer = tiny_model_for(torch.float32)
     report = profile_decode(model, tokenizer, steps=3, prompt="hello")
-    assert "ms/token" in report and "matrix products" in report and "memory-traffic bound" in report
+    ms, tok_s = map(float, re.search(r"([\d.]+) ms/token \(([\d.]+) tok/s\)", report).groups())
+    assert ms * tok_s == pytest.approx(1000, rel=0.05)
+    groups = [float(m) for m in re.findall(r"^  [a-z() ]+?\s+([\d.]+) ms$", report, re.M)]
+    assert len(groups) == 3 and 0 < sum(groups)

@@ -14,6 +14,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fails, passes, todo
 
 from gemma_lite import checks
 from gemma_lite.checks import ch06_model
@@ -31,37 +32,8 @@ from gemma_lite.layers import (
     rotate_half,
 )
 from gemma_lite.model import Gemma
-from gemma_lite.tokenizer import GemmaTokenizer
-from gemma_lite.weights import bundled_gguf_path, open_gguf
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return GemmaTokenizer.from_gguf(open_gguf(bundled_gguf_path()).metadata)
-
-
-def passes(result, capsys) -> None:
-    out = capsys.readouterr().out
-    assert result, out
-    assert result.passed and result.done
-    assert out.startswith(checks.PASS), out
-
-
-def fails(result, capsys, *words: str) -> str:
-    out = capsys.readouterr().out
-    assert not result, out
-    assert result.done, out
-    assert out.startswith(checks.FAIL), out
-    for word in words:
-        assert word in out, f"{word!r} not in {out!r}"
-    return out
-
 
 # ---------------------------------------------------------------- not done yet
-
-
-def todo(*args, **kwargs):
-    raise NotImplementedError
 
 
 class TodoNorm(torch.nn.Module):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
-from test_checks import fails, passes
+from helpers import fails, passes
 from torch._dynamo.testing import CompileCounter
 
 from gemma_lite import checks
@@ -134,6 +135,7 @@ def test_tokens_processed(capsys):
 # ---------------------------------------------------------------- 10 torch.compile
 
 
+@pytest.mark.compile
 def test_capped_attention(capsys):
     def fixed(q, k, v, cap=5.0):
         scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
@@ -159,6 +161,7 @@ def by_int(buffer, k, pos):
     return buffer
 
 
+@pytest.mark.compile
 def test_write_kv(capsys):
     passes(checks.check_write_kv(index_copy), capsys)
     fails(checks.check_write_kv(lambda b, k, pos: b.index_copy(2, pos, k)), capsys, "in place")

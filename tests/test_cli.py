@@ -34,10 +34,11 @@ def test_negative_temperature_is_refused():
     assert "error: temperature must be >= 0 (0 means greedy), got -1" in out.stderr
 
 
-def test_unknown_source_is_refused():
-    out = run_cli("generate", "Hello", "--source", "no-such-model", "--device", "cpu")
+def test_a_source_path_that_does_not_exist_is_refused():
+    out = run_cli("generate", "Hello", "--source", "./no/such/model", "--device", "cpu")
     assert out.returncode == 2
-    assert "error: unknown source 'no-such-model'" in out.stderr
+    assert "error: source './no/such/model' does not exist: no such file or directory" in out.stderr
+    assert "'bundled'" in out.stderr and ".gguf file" in out.stderr and "hub repo id" in out.stderr
     assert "Traceback" not in out.stderr
 
 

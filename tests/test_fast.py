@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_abs_diff
+from helpers import max_abs_diff, random_model
 
-from gemma_lite import Gemma, GemmaConfig
 from gemma_lite.fast import (
     GemvLinear,
     measure_head_kernels,
@@ -18,12 +17,7 @@ from gemma_lite.fast import (
 
 @pytest.fixture()
 def tiny():
-    torch.manual_seed(0)
-    model = Gemma(GemmaConfig.tiny()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return random_model()  # fresh for each test: the tests change its kernels
 
 
 @torch.no_grad()
@@ -60,4 +54,12 @@ def test_head_kernels_are_measured(tiny):
     speeds = measure_head_kernels(tiny, rows=256, rounds=2)
     assert set(speeds) == {"linear", "linear_column_major", "gemv"}
     assert all(v > 0 for v in speeds.values())
-    assert optimize_for_decode(tiny) in speeds
+
+
+@pytest.mark.parametrize("fastest", ["linear", "linear_column_major", "gemv"])
+def test_the_fastest_measured_kernel_is_applied(tiny, fastest, monkeypatch):
+    speeds = {"linear": 1.0, "linear_column_major": 1.0, "gemv": 1.0, fastest: 2.0}
+    monkeypatch.setattr("gemma_lite.fast.measure_head_kernels", lambda model: speeds)
+    assert optimize_for_decode(tiny) == fastest
+    assert tiny.head_gemv == (fastest == "gemv")
+    assert (tiny.tok_embed.weight.stride(0) == 1) == (fastest == "linear_column_major")

@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_abs_diff
+from helpers import max_abs_diff, tiny_model_for
 
-from gemma_lite import Gemma, GemmaConfig
 from gemma_lite.generate import Generator, Sampling, apply_repetition_penalty, filter_logits, generate
-
-
-class CharTokenizer:
-    """Ids 0-2 are <pad>, <eos>, <bos>; id 3 + k is the k-th printable ASCII character."""
-
-    pad_id, eos_id, bos_id = 0, 1, 2
-
-    def encode(self, text, add_bos=True):
-        return [self.bos_id] * add_bos + [3 + (ord(c) - 32) % 95 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(32 + i - 3) for i in ids if i >= 3)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = Gemma(GemmaConfig.tiny(vocab_size=98)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model, CharTokenizer()
+    return tiny_model_for()
 
 
 # ---------------------------------------------------------------- sampling rules

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import max_abs_diff
+from helpers import max_abs_diff, random_model
 
-from gemma_lite import Gemma, GemmaConfig, KVCache
+from gemma_lite import GemmaConfig, KVCache
 from gemma_lite.generate import Generator, decode_one
 from gemma_lite.kv_cache import RingCache
 
@@ -18,14 +18,7 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A tiny model with every weight random (norms too, so that a wrong one would show)."""
-    torch.manual_seed(0)
-    cfg = GemmaConfig.tiny()
-    model = Gemma(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return random_model()
 
 
 def run_cached(model, ids, cache, prefill: int, chunk: int = 1):
@@ -106,6 +99,7 @@ def test_cache_rejects_positions_beyond_its_length(tiny):
         KVCache(tiny.cfg, 1, tiny.cfg.max_seq_len + 1)
 
 
+@pytest.mark.compile
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager_and_compiles_once(tiny):
     """fullgraph=True (no graph breaks), one graph for every step, no recompiles."""
@@ -157,6 +151,7 @@ def test_real_cached_logits_match_at_every_step_past_the_window(real):
 
 
 @pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_generator_matches_eager_on_real_weights(real):
     model, tokenizer = real
     eager = Generator(model, tokenizer)("Water boils at", 12)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import subprocess
+import threading
 import warnings
 
 import huggingface_hub.constants
@@ -28,7 +30,9 @@ from helpers import (
 
 import gemma_lite
 from gemma_lite import Gemma, GemmaConfig
-from gemma_lite.weights import WeightsError, bundled_gguf_path, resolve_device, save_pretrained
+from gemma_lite.devices import resolve_device
+from gemma_lite.huggingface import config_from_hf, save_pretrained
+from gemma_lite.weights import WeightsError, empty_model
 
 REPO = "google/gemma-3-270m"
 PROMPT = "Gemma belajar bahasa: ภาษาไทย, English, and code() {}"
@@ -217,15 +221,22 @@ def test_peak_memory_of_a_load(dtype, cold, limit, tmp_path, record_property):
 
 # ---------------------------------------------------------------- errors
 
-def test_unknown_source():
-    message = r"unknown source 'no-such-model'.*use 'bundled'.*\.gguf.*directory"
+@pytest.mark.parametrize("source", ["no-such-model", "./no/such/dir", "~/no-such-dir/gemma", "missing.gguf"])
+def test_source_that_does_not_exist(source, tmp_path, monkeypatch):
+    """Not a file, not a directory, not a hub repo id: say so, and name the three kinds of source."""
+    monkeypatch.chdir(tmp_path)
+    message = (rf"source '{re.escape(source)}' does not exist: no such file or directory\. "
+               r"A source is 'bundled' .*, a local \.gguf file or Hugging Face model directory, "
+               r"or a hub repo id such as 'google/gemma-3-270m'")
     with pytest.raises(WeightsError, match=message):
-        gemma_lite.load("no-such-model", device="cpu")
+        gemma_lite.load(source, device="cpu")
 
 
-def test_missing_gguf_file(tmp_path):
-    with pytest.raises(WeightsError, match=r"weight file not found: .*missing\.gguf"):
-        gemma_lite.load(tmp_path / "missing.gguf", device="cpu")
+def test_a_file_that_is_not_gguf(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    message = r"model\.bin is a file but not a \.gguf file\. A source is 'bundled'"
+    with pytest.raises(WeightsError, match=message):
+        gemma_lite.load(tmp_path / "model.bin", device="cpu")
 
 
 def test_directory_without_weights(tmp_path):
@@ -262,8 +273,8 @@ def test_truncated_safetensors(tmp_path, keep):
 
 
 @pytest.mark.parametrize("keep", ["header", "data"])
-def test_truncated_gguf(tmp_path, keep):
-    source = bundled_gguf_path()
+def test_truncated_gguf(gguf_path, tmp_path, keep):
+    source = gguf_path
     size = source.stat().st_size
     n = 2_000_000 if keep == "header" else size - 4096  # the vocabulary alone is ~4 MB of header
     target = tmp_path / "short.gguf"
@@ -282,10 +293,10 @@ def test_not_a_gguf_file(tmp_path):
         gemma_lite.load(target, device="cpu")
 
 
-def test_checksum_mismatch_of_a_gguf_file():
+def test_checksum_mismatch_of_a_gguf_file(gguf_path):
     message = r"checksum mismatch: .*does not have the expected sha256 0{64}.*download it again"
     with pytest.raises(WeightsError, match=message):
-        gemma_lite.load(bundled_gguf_path(), device="cpu", sha256="0" * 64)
+        gemma_lite.load(gguf_path, device="cpu", sha256="0" * 64)
 
 
 def test_damaged_bundled_file(tmp_path, monkeypatch):
@@ -350,4 +361,39 @@ def test_unavailable_device():
 def test_bad_dtype(dtype, message):
     with pytest.raises(ValueError, match=message):
         gemma_lite.load(device="cpu", dtype=dtype)
+
+
+# ---------------------------------------------------------------- building the model
+
+
+def test_hf_config_round_trip(tmp_path):
+    """config.json is written and read through one key table: every field comes back."""
+    cfg = GemmaConfig.tiny(bos_id=5, eos_id=6, pad_id=7, rope_local_base=123.0, query_pre_attn_scalar=20.5)
+    save_pretrained(Gemma(cfg), None, tmp_path)
+    assert config_from_hf(tmp_path) == cfg
+
+
+def test_empty_model_leaves_the_default_dtype_alone_in_every_thread(monkeypatch):
+    """A model built in bf16 in a thread (the dashboard) changes nothing the notebook creates meanwhile."""
+    inside, resume = threading.Event(), threading.Event()
+
+    class PausedGemma(Gemma):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            inside.set()
+            resume.wait(30)
+
+    monkeypatch.setattr(gemma_lite.weights, "Gemma", PausedGemma)
+    built = []
+    thread = threading.Thread(
+        target=lambda: built.append(empty_model(GemmaConfig.tiny(), torch.device("cpu"), torch.bfloat16))
+    )
+    thread.start()
+    assert inside.wait(30)
+    meanwhile = (torch.get_default_dtype(), torch.ones(1).dtype)  # this thread, while the other builds
+    resume.set()
+    thread.join()
+    assert meanwhile == (torch.float32, torch.float32)
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
 

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from helpers import PYTHON, REPO_ROOT, python_env
 
 from gemma_lite import Gemma, GemmaConfig, KVCache
+from gemma_lite.devices import dtype_name
+from gemma_lite.measure import TensorMemory
 from gemma_lite.memory import (
-    TensorMemory,
     activation_bytes,
     inference_bytes,
     kv_cache_bytes,
@@ -182,7 +183,7 @@ def run_python(code: str, *args: str, timeout: int = 600) -> dict:
 TRAIN_STEP = """
 import json, torch, torch.nn.functional as F
 from gemma_lite import GemmaConfig
-from gemma_lite.memory import ResidentPeak
+from gemma_lite.measure import ResidentPeak
 from gemma_lite.weights import empty_model
 
 torch.manual_seed(0)
@@ -247,9 +248,9 @@ def test_bf16_decode_step_working_memory():
 LOAD = """
 import json, sys, torch, gemma_lite
 from gemma_lite.loading import release_freed_memory
-from gemma_lite.memory import _proc_status, resident_bytes
+from gemma_lite.measure import peak_resident_bytes, resident_bytes
 from gemma_lite.tokenizer import GemmaTokenizer
-from gemma_lite.weights import bundled_gguf_path, open_gguf
+from gemma_lite.gguf_file import bundled_gguf_path, open_gguf
 
 start = resident_bytes()
 if sys.argv[1] == "tokenizer":
@@ -260,7 +261,7 @@ if sys.argv[1] == "tokenizer":
     print(json.dumps({"start": start, "end": resident_bytes()}))
 else:
     model, tokenizer = gemma_lite.load(device="cpu", dtype=sys.argv[1], progress=False)
-    print(json.dumps({"start": start, "peak": _proc_status("VmHWM")}))
+    print(json.dumps({"start": start, "peak": peak_resident_bytes()}))
 """
 
 
@@ -269,7 +270,7 @@ else:
 def test_resident_memory_after_loading(dtype):
     """Peak resident memory of a fresh process = runtime + tokenizer (measured) + weights (predicted)."""
     tokenizer = run_python(LOAD, "tokenizer")
-    load = run_python(LOAD, str(dtype).removeprefix("torch."))
+    load = run_python(LOAD, dtype_name(dtype))
     predicted = load["start"] + (tokenizer["end"] - tokenizer["start"]) + model_bytes(REAL, dtype)
     assert load["peak"] == pytest.approx(predicted, rel=0.06)
 

@@ -5,23 +5,16 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import torch
-from helpers import PYTHON, REPO_ROOT, python_env, tiny_tokenizer
+from helpers import PYTHON, REPO_ROOT, python_env, tiny_model_for
 
-from gemma_lite import Gemma, GemmaConfig
 from gemma_lite.widgets import BenchmarkDashboard, BenchmarkSession, Settings, parse_lengths, run_in_terminal
 
 FAST = Settings(modes=("regular", "kv"), new_tokens=(4, 8), runs=1)
 
 
-def tiny_model_for(device, dtype):
-    torch.manual_seed(0)
-    return Gemma(GemmaConfig.tiny()).to(device=device, dtype=dtype).eval(), tiny_tokenizer()
-
-
 @pytest.fixture
 def session():
-    return BenchmarkSession(model_for=tiny_model_for)
+    return BenchmarkSession(model_for=lambda device, dtype: tiny_model_for(dtype, device))
 
 
 def test_a_run_produces_one_row_per_mode_and_length(session):
@@ -134,10 +127,9 @@ def test_text_fallback(session, tmp_path, capsys):
 def test_show_in_a_plain_script_runs_the_text_fallback(tmp_path):
     code = (
         "import torch\n"
-        "from helpers import tiny_tokenizer\n"
-        "from gemma_lite import Gemma, GemmaConfig\n"
+        "from helpers import tiny_model_for\n"
         "from gemma_lite.widgets import BenchmarkDashboard, BenchmarkSession, Settings\n"
-        "model_for = lambda d, t: (Gemma(GemmaConfig.tiny()).to(t).eval(), tiny_tokenizer())\n"
+        "model_for = lambda device, dtype: tiny_model_for(dtype, device)\n"
         "session = BenchmarkSession(model_for)\n"
         "BenchmarkDashboard(session, Settings(modes=('kv',), new_tokens=(4,))).show('plot.png')\n"
     )
