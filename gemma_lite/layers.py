@@ -97,8 +97,8 @@ class RotaryEmbedding(nn.Module):
             self._tables = self.half_tables(torch.arange(max_len, device=device))
 
     def has_tables(self, max_len: int, device: torch.device | str = "cpu") -> bool:
-        tables = self._tables
-        return tables is not None and tables[0].shape[0] >= max_len and tables[0].device == torch.device(device)
+        cos = None if self._tables is None else self._tables[0]
+        return cos is not None and cos.shape[0] >= max_len and cos.device == torch.device(device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype, max_len: int | None = None):
         """positions (T,) or per row (B, T) -> cos, sin, each (T, D) or (B, 1, T, D).
