@@ -70,7 +70,7 @@ class Gemma(nn.Module):
             if cache is not None:
                 raise ValueError("pass input_pos (the positions of input_ids) when using a cache")
             input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        if check_inputs and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and check_inputs:  # (no guard on check_inputs)
             self._check_inputs(input_ids, input_pos, cache)
 
         x = self.tok_embed(input_ids)  # (B, T, C)
