@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -359,50 +359,37 @@ class Generator:
         is generated (streaming). should_stop: polled every step (a stop button).
         """
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
-        ids, valid_from, lengths = self.encode_batch(prompts)
+        ids, valid_from, lengths = self.encode_checked(prompts, max_new_tokens)
         B, T = ids.shape
-        context = self.model.cfg.max_seq_len
-        if T + max_new_tokens > context:
-            raise ValueError(
-                f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"context of {context} tokens; shorten the prompt or ask for at most {context - T} new tokens"
-            )
         stop_ids = {s for s in stop if isinstance(s, int)}
         if stop_at_eos:
             stop_ids.add(self.tokenizer.eos_id)
         rows = RowTracker(self.tokenizer, B, stop_ids, [s for s in stop if isinstance(s, str)], on_text)
         rng = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         seen = [ids[b, T - n :] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+            token = next_token(logits, sampling, rng, seen)
+            if seen is not None:
+                seen[:] = [torch.cat([s, token[b : b + 1]]) for b, s in enumerate(seen)]
+            return token
+
         out = Generation(text=[], new_ids=rows.new_ids, prompt_tokens=lengths)
         cache = self.cache_for(B, T + max_new_tokens) if self.use_cache else None
-
         t0 = time.perf_counter()
         prefill_compiled = cache is None and self.compiles("forward", B)
-        token = next_token(self.last_logits(ids, valid_from, cache), sampling, rng, seen)  # (B,)
+        token = choose(self.last_logits(ids, valid_from, cache))  # (B,)
         new = token.tolist()  # the one device sync of each step
         out.prefill_s = time.perf_counter() - t0
         rows.add(new)
 
-        step = self.step_fn()
-        position = torch.tensor([T], device=self.device)  # (1,), advanced in place
-        seq = ids
+        steps = self.decode_steps(token, ids, valid_from, cache, choose)
         t_decode = time.perf_counter()
         for _ in range(max_new_tokens - 1):
             if not rows.n_running or (should_stop is not None and should_stop()):
                 break
-            if seen is not None:
-                seen = [torch.cat([s, token[b : b + 1]]) for b, s in enumerate(seen)]
             t_step = time.perf_counter()
-            if cache is not None:
-                logits = step(self.model, token[:, None], position, cache, valid_from)
-                position += 1
-            else:
-                seq = torch.cat([seq, token[:, None]], dim=1)
-                logits = self.last_logits(seq, valid_from, None, check_inputs=False)
-            token = next_token(logits, sampling, rng, seen)
-            new = token.tolist()
+            new = next(steps).tolist()
             out.step_times.append(time.perf_counter() - t_step)
             out.decode_tokens += rows.n_running
             rows.add(new)
@@ -411,6 +398,46 @@ class Generator:
         step_compiled = cache is not None and bool(out.step_times) and self.compiles("step", B, cache.max_len)
         out.compile_s = self._compile_time(out, prefill_compiled, step_compiled)
         return out
+
+    def encode_checked(self, prompts, max_new_tokens: int):
+        """``encode_batch``, after checking that the prompts and new tokens fit the context."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        ids, valid_from, lengths = self.encode_batch(prompts)
+        T, context = ids.shape[1], self.model.cfg.max_seq_len
+        if T + max_new_tokens > context:
+            raise ValueError(
+                f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {context} tokens; shorten the prompt or ask for at most {context - T} new tokens"
+            )
+        return ids, valid_from, lengths
+
+    def decode_steps(
+        self,
+        token: torch.Tensor,  # (B,) the token the prefill chose
+        ids: torch.Tensor,  # (B, T) the prompts
+        valid_from: torch.Tensor | None,
+        cache: KVCache | None,
+        choose: Callable[[torch.Tensor], torch.Tensor],  # logits (B, V) -> tokens (B,)
+    ) -> Iterator[torch.Tensor]:
+        """Decode steps, one per ``next()``: each yields the next token of every row (B,).
+
+        With a cache a step runs one token at a tensor position advanced in
+        place; without one, it re-runs the whole sequence. No input checks and
+        no device sync here: the caller checked the prompts once.
+        """
+        step = self.step_fn()
+        position = torch.tensor([ids.shape[1]], device=self.device)  # (1,)
+        seq = ids
+        while True:
+            if cache is not None:
+                logits = step(self.model, token[:, None], position, cache, valid_from)
+                position += 1
+            else:
+                seq = torch.cat([seq, token[:, None]], dim=1)
+                logits = self.last_logits(seq, valid_from, None, check_inputs=False)
+            token = choose(logits)
+            yield token
 
     def last_logits(
         self,

@@ -178,7 +178,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor,  # (T,)
         cache=None,  # a kv_cache layer cache, or None to attend within x only
         valid_from: torch.Tensor | None = None,  # (B,)
-        masks: dict[str, torch.Tensor] | None = None,  # masks of this forward pass, by kind of layer
+        masks: dict[str, torch.Tensor] | None = None,  # shared by the layers of one pass: see below
     ) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -198,7 +198,7 @@ class Attention(nn.Module):
         q = q.reshape(B, K, G * T, D)
         kind = "local" if self.window is not None else "global"
         mask = None if masks is None else masks.get(kind)
-        if mask is None:  # every layer of a kind attends to the same key positions
+        if mask is None:  # built once per kind: every layer of a kind attends to the same key positions
             mask = attention_mask(input_pos, key_pos, self.window, valid_from)  # (B|1, 1, T, S)
             mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
             if masks is not None:
