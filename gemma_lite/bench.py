@@ -101,14 +101,11 @@ def bench_ours(
     )
     with PeakMemory(model.device) as mem:
         # warm-up (compiles on first use); with a cache, the same length gives the same cache shape
-        with Stopwatch(model.device) as warm_watch:
-            warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
+        warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
         results = [gen(prompt, new_tokens, stop_at_eos=False) for _ in range(runs)]
     decode = statistics.median(r.decode_tok_s for r in results)
     prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
-    # compile time: the warm-up's excess over a normal call (0 once this shape is compiled)
-    typical = warm.prefill_s + sum(results[0].step_times[: len(warm.step_times)])
-    compile_s = max(0.0, warm_watch.seconds - typical) if mode.endswith("compiled") else 0.0
+    compile_s = sum(r.compile_s for r in (warm, *results))  # the warm-up compiles (0 once compiled)
     peak = parameter_bytes(model) + mem.growth
     return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, peak)
 

@@ -6,20 +6,21 @@
 
 Two phases: *prefill* runs the whole prompt once and fills the cache; each
 *decode step* then runs a single new token. With ``compile=True`` the decode
-step is compiled once (fixed shapes: one token, a tensor position, a static
-cache) and reused for every step and every later call.
+step is compiled for fixed shapes (one token, a tensor position, a static
+cache): once for each batch size and cache size, then reused for every step
+and every later call of that shape.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .kv_cache import KVCache
-from .measure import sync
 from .model import Gemma
 
 # ---------------------------------------------------------------- sampling
@@ -102,7 +103,11 @@ def next_token(
 
 @dataclass
 class Generation:
-    """What a call produced: text and ids per prompt, and how long each phase took."""
+    """What a call produced: text and ids per prompt, and how long each phase took.
+
+    ``compile_s`` is the part of ``prefill_s`` and ``decode_s`` spent compiling:
+    the first call of a compiled function for a new shape compiles it.
+    """
 
     text: list[str]
     new_ids: list[list[int]]
@@ -111,6 +116,7 @@ class Generation:
     decode_s: float = 0.0
     compile_s: float = 0.0
     step_times: list[float] = field(default_factory=list)
+    decode_tokens: int = 0  # tokens the decode steps generated for rows still running
 
     @property
     def new_tokens(self) -> int:
@@ -118,9 +124,11 @@ class Generation:
 
     @property
     def decode_tok_s(self) -> float:
-        """Generated tokens per second after the first one (which prefill produced)."""
-        steps = len(self.step_times)
-        return steps * len(self.text) / self.decode_s if self.decode_s > 0 else float("nan")
+        """Tokens per second of the decode steps (the first token came from prefill).
+
+        Rows that have stopped (end of text, a stop id or string) no longer count.
+        """
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def decode_one(
@@ -130,15 +138,120 @@ def decode_one(
     cache: KVCache,
     valid_from: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One decode step: token (B, 1) at position input_pos (1,) -> logits (B, V)."""
-    return model(token, input_pos, cache, valid_from)[:, -1]
+    """One decode step: token (B, 1) at position input_pos (1,) -> logits (B, V).
+
+    No input checks (they would cost device syncs): the caller validates the
+    prompt and the positions once.
+    """
+    return model(token, input_pos, cache, valid_from, check_inputs=False)[:, -1]
+
+
+class IncrementalText:
+    """Decodes a growing list of token ids a few at a time: linear, not quadratic.
+
+    A piece is released once its tokens decode to whole characters (a UTF-8
+    character split over byte tokens shows as "\ufffd" until its last byte
+    arrives). The tokens of the previous piece are decoded again as context,
+    so that the pieces add up to the decode of all the ids.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # the released pieces
+        self._context = 0  # ids[_context:_released] were the last piece
+        self._released = 0
+
+    def add(self, token: int) -> str:
+        """Append one id; return the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._context : self._released])
+        now = self.tokenizer.decode(self.ids[self._context :])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""
+        piece = now[len(before) :]
+        self._context, self._released = self._released, len(self.ids)
+        self.text += piece
+        return piece
+
+    def rest(self) -> str:
+        """The text not released yet (an incomplete character decodes as "\ufffd")."""
+        before = self.tokenizer.decode(self.ids[self._context : self._released])
+        return self.tokenizer.decode(self.ids[self._context :])[len(before) :]
+
+
+class RowTracker:
+    """Per-row bookkeeping of a batch: new ids, which rows still run, stop ids and strings.
+
+    stop_texts end a row and cut its text before them; on_text receives the
+    text of row 0 as it grows (streaming). Without either, the text is decoded
+    once at the end.
+    """
+
+    def __init__(self, tokenizer, batch: int, stop_ids: set[int], stop_texts: list[str], on_text=None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.stop_ids, self.stop_texts = stop_ids, stop_texts
+        self.new_ids: list[list[int]] = [[] for _ in range(batch)]
+        self.running = [True] * batch
+        watch = on_text is not None or bool(stop_texts)
+        self.texts = [IncrementalText(tokenizer) for _ in range(batch)] if watch else None
+        self._cut: dict[int, str] = {}  # rows cut at a stop string: their final text
+
+    @property
+    def n_running(self) -> int:
+        return sum(self.running)
+
+    def add(self, tokens: list[int]) -> None:
+        """The next token of every row (a stopped row's token is ignored)."""
+        for b, token in enumerate(tokens):
+            if not self.running[b]:
+                continue
+            if token in self.stop_ids:
+                self.running[b] = False
+                continue
+            self.new_ids[b].append(token)
+            if self.texts is not None:
+                self._add_text(b, token)
+
+    def _add_text(self, b: int, token: int) -> None:
+        text = self.texts[b]
+        searched_up_to = len(text.text)
+        piece = text.add(token)
+        if not piece:
+            return
+        longest = max((len(s) for s in self.stop_texts), default=0)
+        tail_from = max(0, searched_up_to - longest + 1)  # a stop string may end in the new piece
+        tail = text.text[tail_from:]
+        cut = min((tail.find(s) for s in self.stop_texts if s in tail), default=-1)
+        if cut >= 0:
+            self.running[b] = False
+            self._cut[b] = text.text[: tail_from + cut]
+            piece = piece[: max(0, len(self._cut[b]) - searched_up_to)]
+        if b == 0 and self.on_text is not None and piece:
+            self.on_text(piece)
+
+    def finish(self) -> list[str]:
+        """The text of every row; the rest of row 0's text goes to on_text."""
+        if self.texts is None:
+            return [self.tokenizer.decode(ids) for ids in self.new_ids]
+        texts = []
+        for b, text in enumerate(self.texts):
+            if b in self._cut:
+                texts.append(self._cut[b])
+                continue
+            rest = text.rest()
+            if b == 0 and self.on_text is not None and rest:
+                self.on_text(rest)
+            texts.append(text.text + rest)
+        return texts
 
 
 class Generator:
     """Generates text from a model, with or without a KV cache, eager or compiled.
 
     use_cache=False recomputes the whole sequence at every step (the "regular"
-    mode of chapter 9); compile=True compiles the step function.
+    mode of chapter 9); compile=True compiles the step function: once for each
+    batch size and cache size (cache sizes are powers of two, so a handful).
     """
 
     def __init__(
@@ -159,6 +272,7 @@ class Generator:
         self._cache: KVCache | None = None
         self._compiled_step: Callable | None = None
         self._compiled_forward: Callable | None = None
+        self._compiled_shapes: set[tuple] = set()  # shapes the compiled functions have run
 
     # -- pieces the benchmark and the chapters reuse
 
@@ -206,6 +320,13 @@ class Generator:
         valid_from = torch.tensor([width - len(r) for r in rows], device=self.device)
         return ids, (valid_from if valid_from.any() else None), [len(r) for r in rows]
 
+    def compiles(self, *shape) -> bool:
+        """Whether the next call of a compiled function with this shape compiles it (once per shape)."""
+        if not self.compile or shape in self._compiled_shapes:
+            return False
+        self._compiled_shapes.add(shape)
+        return True
+
     # -- the loop
 
     @torch.inference_mode()
@@ -231,89 +352,110 @@ class Generator:
         is generated (streaming). should_stop: polled every step (a stop button).
         """
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        ids, valid_from, lengths = self.encode_checked(prompts, max_new_tokens)
+        B, T = ids.shape
+        stop_ids = {s for s in stop if isinstance(s, int)}
+        if stop_at_eos:
+            stop_ids.add(self.tokenizer.eos_id)
+        rows = RowTracker(self.tokenizer, B, stop_ids, [s for s in stop if isinstance(s, str)], on_text)
+        rng = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        seen = [ids[b, T - n :] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+            token = next_token(logits, sampling, rng, seen)
+            if seen is not None:
+                seen[:] = [torch.cat([s, token[b : b + 1]]) for b, s in enumerate(seen)]
+            return token
+
+        out = Generation(text=[], new_ids=rows.new_ids, prompt_tokens=lengths)
+        cache = self.cache_for(B, T + max_new_tokens) if self.use_cache else None
+        t0 = time.perf_counter()
+        prefill_compiled = cache is None and self.compiles("forward", B)
+        token = choose(self.last_logits(ids, valid_from, cache))  # (B,)
+        new = token.tolist()  # the one device sync of each step
+        out.prefill_s = time.perf_counter() - t0
+        rows.add(new)
+
+        steps = self.decode_steps(token, ids, valid_from, cache, choose)
+        t_decode = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if not rows.n_running or (should_stop is not None and should_stop()):
+                break
+            t_step = time.perf_counter()
+            new = next(steps).tolist()
+            out.step_times.append(time.perf_counter() - t_step)
+            out.decode_tokens += rows.n_running
+            rows.add(new)
+        out.decode_s = time.perf_counter() - t_decode
+        out.text = rows.finish()
+        step_compiled = cache is not None and bool(out.step_times) and self.compiles("step", B, cache.max_len)
+        out.compile_s = self._compile_time(out, prefill_compiled, step_compiled)
+        return out
+
+    def encode_checked(self, prompts, max_new_tokens: int):
+        """``encode_batch``, after checking that the prompts and new tokens fit the context."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         ids, valid_from, lengths = self.encode_batch(prompts)
-        B, T = ids.shape
-        context = self.model.cfg.max_seq_len
+        T, context = ids.shape[1], self.model.cfg.max_seq_len
         if T + max_new_tokens > context:
             raise ValueError(
                 f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"context of {context} tokens; shorten the prompt or ask for at most {context - T} new tokens"
             )
-        stop_ids = {s for s in stop if isinstance(s, int)} | (
-            {self.tokenizer.eos_id} if stop_at_eos else set()
-        )
-        stop_texts = [s for s in stop if isinstance(s, str)]
-        rng = None
-        if seed is not None:
-            rng = torch.Generator(device=self.device).manual_seed(seed)
-        seen = [ids[b, T - n :] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
+        return ids, valid_from, lengths
 
-        out = Generation(text=[""] * B, new_ids=[[] for _ in range(B)], prompt_tokens=lengths)
-        done = [False] * B
-        streamed = ""
-        watch_text = on_text is not None or bool(stop_texts)  # else decode once at the end
+    def decode_steps(
+        self,
+        token: torch.Tensor,  # (B,) the token the prefill chose
+        ids: torch.Tensor,  # (B, T) the prompts
+        valid_from: torch.Tensor | None,
+        cache: KVCache | None,
+        choose: Callable[[torch.Tensor], torch.Tensor],  # logits (B, V) -> tokens (B,)
+    ) -> Iterator[torch.Tensor]:
+        """Decode steps, one per ``next()``: each yields the next token of every row (B,).
 
-        # prefill: the whole prompt at once
-        t0 = time.perf_counter()
-        if self.use_cache:
-            cache = self.cache_for(B, T + max_new_tokens)
-            logits = self.model(ids, torch.arange(T, device=self.device), cache, valid_from, last_only=True)[
-                :, -1
-            ]
-        else:
-            logits = self.forward_fn()(ids, valid_from=valid_from, last_only=True)[:, -1]
-        token = next_token(logits, sampling, rng, seen)
-        sync(self.device)
-        out.prefill_s = time.perf_counter() - t0
-
+        With a cache a step runs one token at a tensor position advanced in
+        place; without one, it re-runs the whole sequence. No input checks and
+        no device sync here: the caller checked the prompts once.
+        """
         step = self.step_fn()
+        position = torch.tensor([ids.shape[1]], device=self.device)  # (1,)
         seq = ids
-        t_decode = time.perf_counter()
-        for i in range(max_new_tokens):
-            for b in range(B):
-                if done[b]:
-                    continue
-                tok = int(token[b])
-                if tok in stop_ids:
-                    done[b] = True
-                    continue
-                out.new_ids[b].append(tok)
-                if not watch_text:
-                    continue
-                text = self.tokenizer.decode(out.new_ids[b])
-                cut = min((text.find(s) for s in stop_texts if s in text), default=-1)
-                if cut >= 0:
-                    text, done[b] = text[:cut], True
-                out.text[b] = text
-                if b == 0 and on_text is not None:
-                    stable = text.rstrip("\ufffd")  # hold back a half-decoded UTF-8 character
-                    if len(stable) > len(streamed) and stable.startswith(streamed):
-                        on_text(stable[len(streamed) :])
-                        streamed = stable
-            if all(done) or i == max_new_tokens - 1 or (should_stop is not None and should_stop()):
-                break
-            if seen is not None:
-                seen = [torch.cat([s, token[b : b + 1]]) for b, s in enumerate(seen)]
-            t_step = time.perf_counter()
-            pos = T + i
-            if self.use_cache:
-                logits = step(
-                    self.model, token[:, None], torch.tensor([pos], device=self.device), cache, valid_from
-                )
+        while True:
+            if cache is not None:
+                logits = step(self.model, token[:, None], position, cache, valid_from)
+                position += 1
             else:
                 seq = torch.cat([seq, token[:, None]], dim=1)
-                logits = self.forward_fn()(seq, valid_from=valid_from, last_only=True)[:, -1]
-            token = next_token(logits, sampling, rng, seen)
-            sync(self.device)
-            out.step_times.append(time.perf_counter() - t_step)
-        out.decode_s = time.perf_counter() - t_decode
-        if not watch_text:
-            out.text = [self.tokenizer.decode(new) for new in out.new_ids]
-        if on_text is not None and len(out.text[0]) > len(streamed) and out.text[0].startswith(streamed):
-            on_text(out.text[0][len(streamed) :])
-        return out
+                logits = self.last_logits(seq, valid_from, None, check_inputs=False)
+            token = choose(logits)
+            yield token
+
+    def last_logits(
+        self,
+        ids: torch.Tensor,  # (B, T)
+        valid_from: torch.Tensor | None,
+        cache: KVCache | None,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """Run a whole sequence, filling the cache if there is one -> logits of its last position (B, V)."""
+        if cache is None:
+            model = self.forward_fn()
+            return model(ids, valid_from=valid_from, last_only=True, check_inputs=check_inputs)[:, -1]
+        positions = torch.arange(ids.shape[1], device=self.device)
+        return self.model(ids, positions, cache, valid_from, last_only=True, check_inputs=check_inputs)[:, -1]
+
+    @staticmethod
+    def _compile_time(out: Generation, prefill_compiled: bool, first_step_compiled: bool) -> float:
+        """The time spent compiling: the excess of each compiling call over a typical step.
+
+        (Without a cache a step re-runs the whole sequence: about as long as the prefill.)
+        """
+        others = out.step_times[1:] if first_step_compiled else out.step_times
+        typical = statistics.median(others) if others else 0.0
+        compiling = [out.prefill_s] * prefill_compiled + out.step_times[:1] * first_step_compiled
+        return sum(max(0.0, t - typical) for t in compiling)
 
 
 def generate(model: Gemma, tokenizer, prompt, max_new_tokens: int = 64, **kwargs) -> str | list[str]:

@@ -61,22 +61,34 @@ class RingCache(nn.Module):
         )
 
     def update(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
-        """Attend over the ring *and* the new keys, then store the newest ones.
+        """Store k, v (B, K, T, D) of positions input_pos (T,); return what to attend over.
 
-        The new keys are appended before the ring is overwritten: with T > 1 new
-        tokens, the earliest of them still need keys that the write evicts.
-        Returns keys, values (B, K, size + T, D) and their positions (size + T,).
+        One new token (a decode step) is written first and the ring returned:
+        the key it evicts is ``size`` >= window positions back, which the
+        sliding-window mask hides anyway. Returns the ring (B, K, size, D)
+        twice and its positions (size,).
+
+        With T > 1 new tokens the earliest of them still need keys that the
+        writes evict: the new keys are appended to the ring before it is
+        overwritten. Returns keys, values (B, K, size + T, D) and their
+        positions (size + T,).
         """
+        if k.shape[2] == 1:
+            self._write(k, v, input_pos)
+            return self.k, self.v, self.slot_pos
         keys = torch.cat([self.k, k], dim=2)
         values = torch.cat([self.v, v], dim=2)
         key_pos = torch.cat([self.slot_pos, input_pos])
         n = min(k.shape[2], self.size)  # only the newest `size` tokens can stay
-        newest = input_pos[-n:]
-        slots = newest % self.size
-        self.k.index_copy_(2, slots, k[:, :, -n:])
-        self.v.index_copy_(2, slots, v[:, :, -n:])
-        self.slot_pos.index_copy_(0, slots, newest)
+        self._write(k[:, :, -n:], v[:, :, -n:], input_pos[-n:])
         return keys, values, key_pos
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> None:
+        """Position p goes to slot p % size. k, v (B, K, n, D), input_pos (n,) with n <= size."""
+        slots = input_pos % self.size
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.slot_pos.index_copy_(0, slots, input_pos)
 
     def rollback(self, length: int) -> None:
         """Empty the slots holding positions >= length."""

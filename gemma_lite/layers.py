@@ -38,15 +38,31 @@ class ScaledEmbedding(nn.Embedding):
     """Token embedding multiplied by sqrt(C), the scale rounded to the weight dtype.
 
     In bf16 sqrt(640) = 25.298 becomes 25.25; the reference rounds it the same way.
+    The rounded values are computed once per float dtype, when ``scale`` is set.
     """
+
+    ROUNDED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__(vocab_size, dim)
         self.scale = math.sqrt(dim)
 
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = value
+        self._rounded = {
+            dtype: torch.tensor(value, dtype=dtype, device="cpu").item() for dtype in self.ROUNDED_DTYPES
+        }
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        scale = torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
-        return super().forward(ids) * scale
+        dtype = self.weight.dtype
+        if dtype not in self._rounded:
+            raise TypeError(f"ScaledEmbedding needs float weights ({self.ROUNDED_DTYPES}), got {dtype}")
+        return super().forward(ids) * self._rounded[dtype]
 
 
 class RotaryEmbedding(nn.Module):
@@ -54,25 +70,52 @@ class RotaryEmbedding(nn.Module):
 
     Local layers use base 10,000 and global layers 1,000,000: a larger base turns
     slower, so far-apart positions stay distinguishable in long contexts.
+
+    ``build_tables(max_len)`` computes cos and sin of positions 0..max_len-1 once
+    (fp32, (max_len, D/2) each: 1 MB per 1,024 positions at D = 256); calls with
+    ``max_len`` then read rows of them instead of computing. Same values either way.
     """
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         self.head_dim, self.base = head_dim, base
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 cos, sin (N, D/2)
 
     def inv_freq(self, device=None) -> torch.Tensor:
         """Angular speed of each of the D/2 rotating pairs: base ** (-2i / D). (D/2,)"""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
         return 1.0 / (self.base ** (exponents / self.head_dim))
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions (T,) or per row (B, T) -> cos, sin, each (T, D) or (B, 1, T, D)."""
-        inv_freq = self.inv_freq(positions.device)
-        angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (..., T, D)
-        if angles.dim() == 3:
-            angles = angles[:, None]  # (B, 1, T, D): the same rotation for every head
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def half_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each position's D/2 angles, fp32: (..., D/2) each."""
+        angles = positions.float()[..., None] * self.inv_freq(positions.device)
+        return angles.cos(), angles.sin()
+
+    def build_tables(self, max_len: int, device: torch.device | str = "cpu") -> None:
+        """Compute and keep the tables of positions 0..max_len-1 (kept if already large enough)."""
+        if not self.has_tables(max_len, device):
+            self._tables = self.half_tables(torch.arange(max_len, device=device))
+
+    def has_tables(self, max_len: int, device: torch.device | str = "cpu") -> bool:
+        cos = None if self._tables is None else self._tables[0]
+        return cos is not None and cos.shape[0] >= max_len and cos.device == torch.device(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, max_len: int | None = None):
+        """positions (T,) or per row (B, T) -> cos, sin, each (T, D) or (B, 1, T, D).
+
+        With ``max_len`` (every position is below it), the values are read from
+        the tables, built on first use (inside a compiled graph: computed instead).
+        """
+        if max_len is not None and not torch.compiler.is_compiling():
+            self.build_tables(max_len, positions.device)
+        if max_len is not None and self.has_tables(max_len, positions.device):
+            cos, sin = self._tables[0][positions], self._tables[1][positions]  # (..., T, D/2)
+        else:
+            cos, sin = self.half_tables(positions)
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # (..., T, D)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): the same rotation for every head
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +178,7 @@ class Attention(nn.Module):
         input_pos: torch.Tensor,  # (T,)
         cache=None,  # a kv_cache layer cache, or None to attend within x only
         valid_from: torch.Tensor | None = None,  # (B,)
+        masks: dict[str, torch.Tensor] | None = None,  # shared by the layers of one pass: see below
     ) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -147,13 +191,18 @@ class Attention(nn.Module):
             keys, values, key_pos = k, v, input_pos
         else:
             keys, values, key_pos = cache.update(k, v, input_pos)  # (B, K, S, D), ..., (S,)
-        mask = attention_mask(input_pos, key_pos, self.window, valid_from)  # (B|1, 1, T, S)
 
         # The G = H / K query heads that share one key/value head are stacked as
         # G*T rows against that head: no copy of the keys, one matmul per group.
         G = H // K
         q = q.reshape(B, K, G * T, D)
-        mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
+        kind = "local" if self.window is not None else "global"
+        mask = None if masks is None else masks.get(kind)
+        if mask is None:  # built once per kind: every layer of a kind attends to the same key positions
+            mask = attention_mask(input_pos, key_pos, self.window, valid_from)  # (B|1, 1, T, S)
+            mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
+            if masks is not None:
+                masks[kind] = mask
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(out)
@@ -190,6 +239,6 @@ class Block(nn.Module):
         self.ffn = GeGLU(cfg.d_model, cfg.d_ff)
         self.post_ffn_norm = RMSNorm(cfg.d_model, eps)
 
-    def forward(self, x, rope, input_pos, cache=None, valid_from=None):  # (B, T, C) -> (B, T, C)
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from))
+    def forward(self, x, rope, input_pos, cache=None, valid_from=None, masks=None):  # (B, T, C) -> (B, T, C)
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from, masks))
         return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))

@@ -46,8 +46,16 @@ class Gemma(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, slack: int = 0) -> KVCache:
-        """A cache on the model's device and dtype, for up to ``max_len`` positions."""
-        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, self.dtype, self.device, slack=slack)
+        """A cache on the model's device and dtype, for up to ``max_len`` positions.
+
+        Also computes the RoPE tables for those positions, once, so that cached
+        forward passes only read them.
+        """
+        max_len = max_len or self.cfg.max_seq_len
+        cache = KVCache(self.cfg, batch, max_len, self.dtype, self.device, slack=slack)
+        for rope in self.rope.values():
+            rope.build_tables(max_len, self.device)
+        return cache
 
     def forward(
         self,
@@ -56,22 +64,28 @@ class Gemma(nn.Module):
         cache: KVCache | None = None,
         valid_from: torch.Tensor | None = None,  # (B,) first real position of left-padded rows
         last_only: bool = False,  # logits of the last position only: (B, 1, V)
+        check_inputs: bool = True,  # False: the caller has validated ids and positions (no device sync)
     ) -> torch.Tensor:  # (B, T, V) logits in the model dtype
         if input_pos is None:
             if cache is not None:
                 raise ValueError("pass input_pos (the positions of input_ids) when using a cache")
             input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and check_inputs:  # (no guard on check_inputs)
             self._check_inputs(input_ids, input_pos, cache)
 
         x = self.tok_embed(input_ids)  # (B, T, C)
         # Positions index cache slots; RoPE counts from each row's first real token,
         # so a left-padded prompt is rotated exactly as it would be on its own.
         rope_pos = input_pos if valid_from is None else (input_pos[None] - valid_from[:, None]).clamp(min=0)
-        rope = {kind: self.rope[kind](rope_pos, x.dtype) for kind in ("local", "global")}
+        max_len = None if cache is None else cache.max_len  # with a cache, read the RoPE tables
+        rope = {kind: self.rope[kind](rope_pos, x.dtype, max_len) for kind in ("local", "global")}
+        # A one-token step builds its two masks (local, global) in the first layer of
+        # each kind and reuses them; longer inputs build them per layer, so that
+        # (T, S) masks do not stay alive through the whole pass.
+        masks = {} if input_ids.shape[1] == 1 else None
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x = block(x, rope[block.kind], input_pos, layer_cache, valid_from)
+            x = block(x, rope[block.kind], input_pos, layer_cache, valid_from, masks)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_abs_diff, tiny_model_for
+from helpers import CharTokenizer, max_abs_diff, tiny_model_for
 
-from gemma_lite.generate import Generator, Sampling, apply_repetition_penalty, filter_logits, generate
+from gemma_lite import Gemma
+from gemma_lite.generate import (
+    Generator,
+    IncrementalText,
+    RowTracker,
+    Sampling,
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +115,68 @@ def test_should_stop_interrupts(tiny):
         "abc", 50, stop_at_eos=False, should_stop=lambda: calls.append(1) or len(calls) >= 3
     )
     assert len(result.new_ids[0]) == 3
+
+
+class ByteTokenizer:
+    """Id 3 + b is the byte b: a character of several UTF-8 bytes takes several tokens."""
+
+    pad_id, eos_id, bos_id = 0, 1, 2
+
+    def encode(self, text):
+        return [3 + b for b in text.encode()]
+
+    def decode(self, ids):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def test_streaming_holds_back_a_half_decoded_character():
+    text = "né à 5€, 🙂!"
+    tokenizer, pieces = ByteTokenizer(), []
+    rows = RowTracker(tokenizer, 1, set(), [], on_text=pieces.append)
+    for token in tokenizer.encode(text):
+        rows.add([token])
+    assert rows.finish() == [text]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert len(pieces) == len(text)  # one piece per character, as soon as it is whole
+
+
+def test_incremental_text_releases_an_unfinished_character_at_the_end():
+    tokenizer = ByteTokenizer()
+    text = IncrementalText(tokenizer)
+    pieces = [text.add(t) for t in tokenizer.encode("a€")[:-1]]  # the euro sign's last byte is missing
+    assert pieces == ["a", "", ""] and text.rest() == "\ufffd"
+
+
+def test_stop_string_across_pieces_ends_the_row_and_cuts_its_text():
+    tokenizer, pieces = CharTokenizer(), []
+    rows = RowTracker(tokenizer, 2, set(), ["cd"], on_text=pieces.append)
+    row0, row1 = tokenizer.encode("abcdef", add_bos=False), tokenizer.encode("xyzxyz", add_bos=False)
+    for pair in zip(row0, row1, strict=True):
+        rows.add(list(pair))
+    assert rows.running == [False, True]
+    assert rows.finish() == ["ab", "xyzxyz"]
+    assert "".join(pieces) == "abc"  # "c" was streamed before "d" showed that it starts the stop string
+
+
+def test_inputs_are_checked_once_per_call_not_per_step(tiny, monkeypatch):
+    calls = []
+    check = Gemma._check_inputs
+    monkeypatch.setattr(Gemma, "_check_inputs", lambda *args: calls.append(1) or check(*args))
+    for use_cache in (True, False):
+        calls.clear()
+        result = Generator(*tiny, use_cache=use_cache)("abc", 10, stop_at_eos=False)
+        assert len(result.step_times) == 9 and len(calls) == 1
+
+
+def test_decode_speed_counts_only_rows_still_running(tiny):
+    gen = Generator(*tiny)
+    free = gen(["abc", "hello"], 10, stop_at_eos=False)
+    first = free.new_ids[0][0]
+    assert first not in free.new_ids[1]  # the stop id below ends row 0 only
+    result = gen(["abc", "hello"], 10, stop=[first], stop_at_eos=False)
+    assert result.new_ids == [[], free.new_ids[1]]
+    assert result.decode_tokens == len(result.step_times) == 9
+    assert result.decode_tok_s == pytest.approx(9 / result.decode_s)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
