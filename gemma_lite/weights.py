@@ -20,26 +20,29 @@ from torch.overrides import TorchFunctionMode
 from .config import GemmaConfig
 from .model import Gemma
 
-# our parameter names <- per-layer suffixes in GGUF and in Hugging Face checkpoints
-_LAYER_NAMES = {
-    "attn_norm": ("attn_norm", "input_layernorm"),
-    "attn.q_proj": ("attn_q", "self_attn.q_proj"),
-    "attn.k_proj": ("attn_k", "self_attn.k_proj"),
-    "attn.v_proj": ("attn_v", "self_attn.v_proj"),
-    "attn.o_proj": ("attn_output", "self_attn.o_proj"),
-    "attn.q_norm": ("attn_q_norm", "self_attn.q_norm"),
-    "attn.k_norm": ("attn_k_norm", "self_attn.k_norm"),
-    "post_attn_norm": ("post_attention_norm", "post_attention_layernorm"),
-    "ffn_norm": ("ffn_norm", "pre_feedforward_layernorm"),
-    "ffn.gate_proj": ("ffn_gate", "mlp.gate_proj"),
-    "ffn.up_proj": ("ffn_up", "mlp.up_proj"),
-    "ffn.down_proj": ("ffn_down", "mlp.down_proj"),
-    "post_ffn_norm": ("post_ffw_norm", "post_feedforward_layernorm"),
-}
-_TOP_NAMES = {
-    "tok_embed": ("token_embd", "model.embed_tokens"),
-    "final_norm": ("output_norm", "model.norm"),
-}
+# Parameter names, ours and in the two file formats: per layer (after "blocks.N." ours,
+# "blk.N." in GGUF, "model.layers.N." in Hugging Face), then the model's own.
+_NAME_TABLE = """
+    ours              GGUF                  Hugging Face
+    attn_norm         attn_norm             input_layernorm
+    attn.q_proj       attn_q                self_attn.q_proj
+    attn.k_proj       attn_k                self_attn.k_proj
+    attn.v_proj       attn_v                self_attn.v_proj
+    attn.o_proj       attn_output           self_attn.o_proj
+    attn.q_norm       attn_q_norm           self_attn.q_norm
+    attn.k_norm       attn_k_norm           self_attn.k_norm
+    post_attn_norm    post_attention_norm   post_attention_layernorm
+    ffn_norm          ffn_norm              pre_feedforward_layernorm
+    ffn.gate_proj     ffn_gate              mlp.gate_proj
+    ffn.up_proj       ffn_up                mlp.up_proj
+    ffn.down_proj     ffn_down              mlp.down_proj
+    post_ffn_norm     post_ffw_norm         post_feedforward_layernorm
+    tok_embed         token_embd            model.embed_tokens
+    final_norm        output_norm           model.norm
+"""
+_ROWS = [line.split() for line in _NAME_TABLE.strip().splitlines()[1:]]
+_TOP_NAMES = {ours: (gguf, hf) for ours, gguf, hf in _ROWS if ours in ("tok_embed", "final_norm")}
+_LAYER_NAMES = {ours: (gguf, hf) for ours, gguf, hf in _ROWS if ours not in _TOP_NAMES}
 _FORMATS = {"gguf": 0, "hf": 1}
 
 
