@@ -191,6 +191,7 @@ class RowTracker:
     def __init__(self, tokenizer, batch: int, stop_ids: set[int], stop_texts: list[str], on_text=None):
         self.tokenizer, self.on_text = tokenizer, on_text
         self.stop_ids, self.stop_texts = stop_ids, stop_texts
+        self.longest_stop = max((len(s) for s in stop_texts), default=0)
         self.new_ids: list[list[int]] = [[] for _ in range(batch)]
         self.running = [True] * batch
         watch = on_text is not None or bool(stop_texts)
@@ -219,8 +220,7 @@ class RowTracker:
         piece = text.add(token)
         if not piece:
             return
-        longest = max((len(s) for s in self.stop_texts), default=0)
-        tail_from = max(0, searched_up_to - longest + 1)  # a stop string may end in the new piece
+        tail_from = max(0, searched_up_to - self.longest_stop + 1)  # a stop string may end in the new piece
         tail = text.text[tail_from:]
         cut = min((tail.find(s) for s in self.stop_texts if s in tail), default=-1)
         if cut >= 0:
