@@ -54,40 +54,57 @@ def cmd_bench(args) -> int:
     from .bench import MODES, format_table, profile_decode, run_benchmark, write_json
     from .devices import dtype_name, resolve_device, resolve_dtype
     from .fast import optimize_for_decode
+    from .quantize import SCHEMES, quantize
 
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = set(args.modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    unknown = set(args.quant) - {"none", *SCHEMES}
+    if unknown:
+        raise ValueError(f"unknown --quant {sorted(unknown)}; choose from none, {', '.join(SCHEMES)}")
     device = resolve_device(args.device)
     dtypes = [resolve_dtype(d, device) for d in args.dtypes]
-    kernels = {}
+    plans = {}
 
-    def model_for(dtype):
+    def model_for(dtype, quant="none"):
         model, tokenizer = load(args.source, device, dtype, progress=False)
-        kernels[dtype_name(dtype)] = optimize_for_decode(model)
+        if quant != "none":
+            quantize(model, quant, args.group_size)
+        print(f"measuring decode kernels for {quant} {dtype_name(dtype)} ...", file=sys.stderr, flush=True)
+        plans[(quant, dtype_name(dtype))] = optimize_for_decode(model, compiled="kv-compiled" in args.modes)
         return model, tokenizer
 
     def show(row):
         print(
-            f"  {row.mode:<19} {row.dtype:<9} {row.new_tokens:>5} tokens: {row.decode_tok_s:7.1f} tok/s",
+            f"  {row.mode:<19} {row.quant:<5} {row.dtype:<9} {row.new_tokens:>5} tokens: "
+            f"{row.decode_tok_s:7.1f} tok/s ({row.roofline_share:.0%} of the roofline)",
             file=sys.stderr,
             flush=True,
         )
 
     if args.profile:
         for dtype in dtypes:
-            print(profile_decode(*model_for(dtype)))
+            for quant in args.quant:
+                model, tokenizer = model_for(dtype, quant)
+                print(profile_decode(model, tokenizer, plans[(quant, dtype_name(dtype))]), flush=True)
         return 0
     rows = run_benchmark(
-        model_for, args.modes, dtypes, args.new_tokens, args.compare_hf, args.runs, args.prompt, on_row=show
+        model_for,
+        args.modes,
+        dtypes,
+        args.new_tokens,
+        args.compare_hf,
+        args.runs,
+        args.prompt,
+        on_row=show,
+        quants=args.quant,
     )
     print(format_table(rows))
-    print(
-        "decode kernels (measured, see gemma_lite/fast.py): "
-        + ", ".join(f"{name}: {kernel}" for name, kernel in kernels.items())
-    )
+    if args.kernels:
+        for (quant, dtype), plan in plans.items():
+            print(f"\ndecode kernels for {quant} {dtype} (GB/s of stored bytes; * = chosen):\n{plan.table()}")
     if args.json:
         write_json(rows, args.json)
         print(f"rows written to {args.json}")
@@ -149,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompt", default="The capital of France is")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--quant", nargs="+", default=["none"], help="weight formats: none int8 int4")
+    b.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and offset")
+    b.add_argument("--kernels", action="store_true", help="also print the measured kernel speeds")
     b.add_argument("--profile", action="store_true", help="where a compiled decode step spends its time")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)

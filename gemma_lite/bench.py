@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .devices import dtype_name
+from .fast import DecodePlan
 from .generate import Generator
-from .measure import MB, PeakMemory, Stopwatch, parameter_bytes
+from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
+from .quantize import quant_scheme
 
 MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
 HF_MODES = ("hf-dynamic", "hf-static-compiled")
@@ -50,6 +52,19 @@ class BenchRow:
     peak_mem_bytes: int  # the model's weights + peak working memory of the run (cache, activations, compile)
     torch: str
     machine: str
+    quant: str = "none"  # weight format: none (the dtype), int8, int4
+    bytes_per_token: int = 0  # weight bytes a decode step reads: every stored weight once
+    read_gb_s: float = float("nan")  # the device's measured read bandwidth (``measure.read_bandwidth``)
+
+    @property
+    def roofline_tok_s(self) -> float:
+        """The fastest decode the read bandwidth allows: bandwidth / bytes per token."""
+        return self.read_gb_s * 1e9 / self.bytes_per_token if self.bytes_per_token else float("nan")
+
+    @property
+    def roofline_share(self) -> float:
+        """decode tok/s as a share of ``roofline_tok_s`` (1.0 = reading weights at full bandwidth)."""
+        return self.decode_tok_s / self.roofline_tok_s
 
 
 def machine_name(device: torch.device | str = "cpu") -> str:
@@ -68,10 +83,11 @@ def machine_name(device: torch.device | str = "cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak) -> BenchRow:
+def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s) -> BenchRow:
+    device = model.device
     return BenchRow(
         mode=mode,
-        dtype=dtype_name(model_dtype),
+        dtype=dtype_name(model.dtype),
         device=str(device),
         new_tokens=new_tokens,
         decode_tok_s=round(decode, 2),
@@ -80,6 +96,9 @@ def _row(mode, model_dtype, device, new_tokens, decode, prefill, compile_s, peak
         peak_mem_bytes=peak,
         torch=torch.__version__,
         machine=machine_name(device),
+        quant=quant_scheme(model),
+        bytes_per_token=stored_bytes(model),
+        read_gb_s=round(read_gb_s, 1),
     )
 
 
@@ -91,8 +110,12 @@ def bench_ours(
     prompt: str = DEFAULT_PROMPT,
     runs: int = 3,
     generators: dict | None = None,
+    read_gb_s: float = float("nan"),
 ) -> BenchRow:
-    """Time one of MODES. ``generators`` keeps compiled generators between calls."""
+    """Time one of MODES. ``generators`` keeps compiled generators between calls.
+
+    ``read_gb_s``: the device's read bandwidth, for the roofline columns.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
     generators = {} if generators is None else generators
@@ -106,8 +129,8 @@ def bench_ours(
     decode = statistics.median(r.decode_tok_s for r in results)
     prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
     compile_s = sum(r.compile_s for r in (warm, *results))  # the warm-up compiles (0 once compiled)
-    peak = parameter_bytes(model) + mem.growth
-    return _row(mode, model.dtype, model.device, new_tokens, decode, prefill, compile_s, peak)
+    peak = stored_bytes(model) + mem.growth
+    return _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s)
 
 
 def load_hf_reference(dtype: torch.dtype, device: torch.device):
@@ -124,7 +147,13 @@ def load_hf_reference(dtype: torch.dtype, device: torch.device):
 
 
 def bench_hf(
-    hf_model, tokenizer, mode: str, new_tokens: int, prompt: str = DEFAULT_PROMPT, runs: int = 3
+    hf_model,
+    tokenizer,
+    mode: str,
+    new_tokens: int,
+    prompt: str = DEFAULT_PROMPT,
+    runs: int = 3,
+    read_gb_s: float = float("nan"),
 ) -> BenchRow:
     """Time HF ``generate``: decode speed = (N - 1) / (time for N tokens - time for 1 token)."""
     if mode not in HF_MODES:
@@ -153,20 +182,12 @@ def bench_hf(
         full = statistics.median(timed(new_tokens) for _ in range(runs))
     compile_s = max(0.0, first - full) if mode.endswith("compiled") else 0.0
     decode = (new_tokens - 1) / (full - one) if new_tokens > 1 else float("nan")
-    return _row(
-        mode,
-        hf_model.dtype,
-        device,
-        new_tokens,
-        decode,
-        ids.shape[1] / one,
-        compile_s,
-        parameter_bytes(hf_model) + mem.growth,
-    )
+    peak = stored_bytes(hf_model) + mem.growth
+    return _row(mode, hf_model, new_tokens, decode, ids.shape[1] / one, compile_s, peak, read_gb_s)
 
 
 def run_benchmark(
-    model_for: Callable[[torch.dtype], tuple],
+    model_for: Callable[[torch.dtype, str], tuple],
     modes: Sequence[str] = MODES,
     dtypes: Sequence[torch.dtype] = (torch.float32,),
     new_tokens: Sequence[int] = (128,),
@@ -175,70 +196,92 @@ def run_benchmark(
     prompt: str = DEFAULT_PROMPT,
     on_row: Callable[[BenchRow], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    quants: Sequence[str] = ("none",),
 ) -> list[BenchRow]:
-    """Every (dtype, length, mode) combination; ``model_for(dtype)`` gives (model, tokenizer).
+    """Every (dtype, quantization, length, mode); ``model_for(dtype, quant)`` gives (model, tokenizer).
 
+    ``quants``: "none" (weights in the dtype), "int8", "int4". HF transformers
+    (``compare_hf``) runs once per dtype, with unquantized weights.
     ``on_row`` is called as each row is ready (progress, live plots);
     ``should_stop`` is polled between rows (a stop button).
     """
     rows: list[BenchRow] = []
+    read_gb_s = float("nan")
     for dtype in dtypes:
-        model, tokenizer = model_for(dtype)
-        generators: dict = {}
-        hf_model = load_hf_reference(dtype, model.device) if compare_hf else None
-        for n in new_tokens:
-            jobs = [(m, False) for m in modes] + [(m, True) for m in (HF_MODES if compare_hf else ())]
-            for mode, is_hf in jobs:
-                if should_stop is not None and should_stop():
-                    return rows
-                row = (
-                    bench_hf(hf_model, tokenizer, mode, n, prompt, runs)
-                    if is_hf
-                    else bench_ours(model, tokenizer, mode, n, prompt, runs, generators)
-                )
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-        del model, hf_model, generators
+        for quant in quants:
+            model, tokenizer = model_for(dtype, quant)
+            if read_gb_s != read_gb_s:  # once per run, on the benchmark's device
+                read_gb_s = read_bandwidth(model.device)
+            with_hf = compare_hf and quant == "none"
+            hf_model = load_hf_reference(dtype, model.device) if with_hf else None
+            if not _bench_model(
+                model,
+                tokenizer,
+                hf_model,
+                modes,
+                new_tokens,
+                runs,
+                prompt,
+                read_gb_s,
+                rows,
+                on_row,
+                should_stop,
+            ):
+                return rows
+            del model, hf_model
     return rows
 
 
-def profile_decode(model, tokenizer, steps: int = 20, prompt: str = DEFAULT_PROMPT) -> str:
-    """Where a compiled decode step spends its time, against the memory-traffic bound.
+def _bench_model(
+    model, tokenizer, hf_model, modes, new_tokens, runs, prompt, read_gb_s, rows, on_row, should_stop
+):
+    """The rows of one model (and HF's); False if stopped."""
+    generators: dict = {}
+    for n in new_tokens:
+        jobs = [(m, False) for m in modes] + [(m, True) for m in (HF_MODES if hf_model is not None else ())]
+        for mode, is_hf in jobs:
+            if should_stop is not None and should_stop():
+                return False
+            row = (
+                bench_hf(hf_model, tokenizer, mode, n, prompt, runs, read_gb_s)
+                if is_hf
+                else bench_ours(model, tokenizer, mode, n, prompt, runs, generators, read_gb_s)
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return True
 
-    Runs ``steps`` compiled decode steps under torch.profiler and groups the CPU
-    time into matrix products (which stream the weights), attention, and the
-    rest; then compares the step time with weights-read / measured bandwidth.
+
+def profile_decode(model, tokenizer, plan: DecodePlan, steps: int = 32, prompt: str = DEFAULT_PROMPT) -> str:
+    """Where a compiled decode step's time goes: the weight products, and everything else.
+
+    The weight products' share is what the kernels ``plan`` chose take when each
+    is timed on its own (``fast.measure_kernels``); the rest of the step is
+    attention over the cache, norms, RoPE, the residual adds, choosing the
+    token, and the compiled function's own Python and guard checks. The
+    roofline is the step time at which every stored weight byte is read once
+    at the measured read bandwidth.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    from .fast import measure_head_kernels
-
     gen = Generator(model, tokenizer, compile=True)
-    gen(prompt, steps + 2, stop_at_eos=False)  # compile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = gen(prompt, steps + 1, stop_at_eos=False)
+    gen(prompt, steps + 1, stop_at_eos=False)  # compile, and warm up
+    result = gen(prompt, steps + 1, stop_at_eos=False)
     step_ms = 1e3 * statistics.median(result.step_times)
-    groups = {
-        "matrix products (weights)": ("mm", "mv", "linear", "gemv", "addmm"),
-        "attention": ("attention",),
-    }
-    spent = dict.fromkeys([*groups, "everything else"], 0.0)
-    for event in prof.key_averages():
-        name = event.key.lower()
-        if "compiled" in name or "torch-compiled" in name or "dynamo" in name:
-            continue  # wrappers: their time is their children's
-        group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "everything else")
-        spent[group] += event.self_cpu_time_total / 1e3 / len(result.step_times)
-    weight_bytes = parameter_bytes(model)
-    bandwidth = max(measure_head_kernels(model).values())
+    products_ms = 1e3 * plan.matmul_seconds(compiled=True)
+    head_ms = 1e3 * sum(t.layers * t.seconds() for t in plan.chosen(True) if t.out_features == plan.head_rows)
+    weight_bytes = stored_bytes(model)
+    bandwidth = read_bandwidth(model.device)
     bound_ms = weight_bytes / bandwidth / 1e6
+    rest_ms = step_ms - products_ms
     lines = [
-        f"compiled decode step: {step_ms:.1f} ms/token ({1e3 / step_ms:.1f} tok/s), dtype {model.dtype}",
-        *(f"  {name:<28}{ms:7.1f} ms" for name, ms in spent.items()),
-        f"weights read per token: {weight_bytes / 1e9:.2f} GB; best measured kernel: {bandwidth:.1f} GB/s",
-        f"memory-traffic bound at that speed: {bound_ms:.1f} ms/token = {1e3 / bound_ms:.1f} tok/s "
-        f"(this step reaches {bound_ms / step_ms:.0%} of it)",
+        f"compiled decode step, {dtype_name(model.dtype)}, weights {quant_scheme(model)}: "
+        f"{step_ms:.2f} ms/token ({1e3 / step_ms:.1f} tok/s)",
+        f"  weight products (chosen kernels, each timed alone) {products_ms:7.1f} ms"
+        f"   (head {head_ms:.1f} ms)",
+        f"  everything else (attention, norms, RoPE, sampling, Python, guards) {rest_ms:7.1f} ms",
+        f"weights read per token: {weight_bytes / 1e9:.3f} GB; read bandwidth {bandwidth:.1f} GB/s",
+        f"roofline: {bound_ms:.1f} ms/token = {1e3 / bound_ms:.1f} tok/s; "
+        f"this step reaches {bound_ms / step_ms:.0%} of it",
     ]
     return "\n".join(lines)
 
@@ -250,14 +293,17 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         if r.mode.startswith("hf-"):
             key = (r.dtype, r.new_tokens)
             hf_best[key] = max(hf_best.get(key, 0.0), r.decode_tok_s)
+    # MB = 10**6 bytes, as everywhere in the course
     head = (
-        f"{'mode':<19}{'dtype':<10}{'new tok':>8}{'decode tok/s':>14}{'prefill tok/s':>15}"
-        f"{'compile s':>11}{'peak MB':>9}"  # MB = 10**6 bytes, as everywhere in the course
+        f"{'mode':<19}{'weights':<17}{'new tok':>8}{'decode tok/s':>14}{'GB/token':>10}{'roofline':>10}"
+        f"{'prefill tok/s':>15}{'compile s':>11}{'peak MB':>9}"
     )
     lines = [head + ("   vs HF best" if hf_best else ""), "-" * (len(head) + (13 if hf_best else 0))]
     for r in rows:
+        weights = r.dtype if r.quant == "none" else f"{r.quant} ({r.dtype})"
         line = (
-            f"{r.mode:<19}{r.dtype:<10}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}{r.prefill_tok_s:>15.1f}"
+            f"{r.mode:<19}{weights:<17}{r.new_tokens:>8}{r.decode_tok_s:>14.1f}"
+            f"{r.bytes_per_token / 1e9:>10.3f}{r.roofline_share:>10.0%}{r.prefill_tok_s:>15.1f}"
             f"{r.compile_s:>11.1f}{r.peak_mem_bytes / MB:>9.0f}"
         )
         best = hf_best.get((r.dtype, r.new_tokens))
@@ -265,7 +311,10 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             line += f"{r.decode_tok_s / best:>12.2f}x"
         lines.append(line)
     if rows:
-        lines.append(f"machine: {rows[0].machine} | torch {rows[0].torch} | device {rows[0].device}")
+        r = rows[0]
+        bandwidth = f"{r.read_gb_s:.1f} GB/s, measured in this run"
+        lines.append(f"roofline = decode tok/s x GB/token / read bandwidth ({bandwidth})")
+        lines.append(f"machine: {r.machine} | torch {r.torch} | device {r.device}")
     return "\n".join(lines)
 
 

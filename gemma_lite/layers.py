@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GemmaConfig
+from .kernels import KernelChoice
 
 
 class RMSNorm(nn.Module):
@@ -34,11 +35,26 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-class ScaledEmbedding(nn.Embedding):
+class Linear(KernelChoice, nn.Linear):
+    """``nn.Linear`` without bias whose one-row inputs take the measured-fastest kernel.
+
+    x (..., I) -> (..., O). Same parameters and results as ``nn.Linear``; see
+    ``kernels.py`` for the kernels and ``fast.py`` for how one is chosen.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
+
+
+class ScaledEmbedding(KernelChoice, nn.Embedding):
     """Token embedding multiplied by sqrt(C), the scale rounded to the weight dtype.
 
     In bf16 sqrt(640) = 25.298 becomes 25.25; the reference rounds it the same way.
     The rounded values are computed once per float dtype, when ``scale`` is set.
+    The same matrix is the output head: ``logits(x)`` = x @ E^T.
     """
 
     ROUNDED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -63,6 +79,10 @@ class ScaledEmbedding(nn.Embedding):
         if dtype not in self._rounded:
             raise TypeError(f"ScaledEmbedding needs float weights ({self.ROUNDED_DTYPES}), got {dtype}")
         return super().forward(ids) * self._rounded[dtype]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
+        """The tied output head: x @ E^T."""
+        return self.product(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -156,6 +176,25 @@ def attention_mask(
     return allowed
 
 
+def one_query_attention(
+    q: torch.Tensor,  # (B, K, G, D): the G query heads of each key/value head, one token
+    keys: torch.Tensor,  # (B, K, S, D)
+    values: torch.Tensor,  # (B, K, S, D)
+    mask: torch.Tensor,  # (B|1, 1, G, S) True = attend
+    scale: float,
+) -> torch.Tensor:  # (B, K, G, D)
+    """softmax(q k^T * scale, masked) v written out, for a single query token.
+
+    The same result as ``F.scaled_dot_product_attention``; for one query row
+    per head its blocked CPU kernel spends more time setting up than computing,
+    while these three small operations fuse into short loops under torch.compile.
+    The softmax runs in fp32, as the reference's eager attention does.
+    """
+    scores = (q @ keys.transpose(-1, -2)).float() * scale  # (B, K, G, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(values.dtype) @ values
+
+
 class Attention(nn.Module):
     """Grouped-query attention with QK-norm, RoPE, and an optional sliding window."""
 
@@ -164,10 +203,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = None if is_global else cfg.sliding_window
         self.scale = cfg.query_pre_attn_scalar**-0.5
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
@@ -203,7 +242,10 @@ class Attention(nn.Module):
             mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
             if masks is not None:
                 masks[kind] = mask
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+        if T == 1:  # a decode step: one query row per head
+            out = one_query_attention(q, keys, values, mask, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(out)
 
@@ -213,9 +255,9 @@ class GeGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_proj = Linear(d_model, d_ff)
+        self.up_proj = Linear(d_model, d_ff)
+        self.down_proj = Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))

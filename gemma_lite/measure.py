@@ -3,6 +3,8 @@
     sync(device)                  wait for the device's queued work (cuda, mps; cpu: nothing)
     Stopwatch(device)             wall time of a block, the device synchronized at both ends
     parameter_bytes(module)       bytes of a module's parameters, as stored
+    stored_bytes(module)          the same with its buffers (quantized weights, scales)
+    read_bandwidth(device)        GB/s at which the device reads memory (a short probe)
     resident_bytes()              this process's resident memory now
     peak_resident_bytes()         the process's resident high-water mark (Linux), or None
     ResidentPeak                  the process's peak resident memory inside a block (Linux: exact)
@@ -15,6 +17,7 @@ Everything is counted in bytes; tables print ``MB`` = 10**6 bytes (``MB`` below)
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 import weakref
@@ -42,9 +45,9 @@ def sync(device: torch.device | str) -> None:
 class Stopwatch:
     """Wall time of the ``with`` block in ``seconds``, the device synchronized at both ends.
 
-        with Stopwatch(device) as watch:
-            model(ids)
-        watch.seconds
+    with Stopwatch(device) as watch:
+        model(ids)
+    watch.seconds
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -63,6 +66,29 @@ class Stopwatch:
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes of ``module``'s parameters as they are stored (a tied matrix counts once)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def read_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256_000_000, rounds: int = 7) -> float:
+    """GB/s at which ``device`` reads memory: the median time to sum an fp32 buffer of ``nbytes``.
+
+    A STREAM-like read probe, with every thread PyTorch uses; the buffer is far
+    larger than any cache. It is the ceiling for a decode step, which reads
+    every weight once: tokens/s <= bandwidth / bytes read per token.
+    """
+    data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    data.sum()  # warm-up: the pages are touched, the threads started
+    times = []
+    for _ in range(rounds):
+        with Stopwatch(device) as watch:
+            data.sum()
+        times.append(watch.seconds)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of everything ``module`` stores: parameters and buffers (quantized weights, scales)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def resident_bytes() -> int:

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig
-from .kernels import linear
 from .kv_cache import KVCache
 from .layers import Block, RMSNorm, RotaryEmbedding, ScaledEmbedding
 
@@ -31,15 +30,15 @@ class Gemma(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.head_gemv = False  # set by fast.optimize_for_decode
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embed.weight.device
+        return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embed.weight.dtype
+        """The activations' dtype: the parameters' (the norms', when the matrices are quantized)."""
+        return next(self.parameters()).dtype
 
     def num_parameters(self) -> int:
         """Unique parameters (the output head shares the embedding matrix)."""
@@ -93,7 +92,7 @@ class Gemma(nn.Module):
 
     def output_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied head: logits = x @ E^T with the embedding matrix E (V, C)."""
-        return linear(x, self.tok_embed.weight, self.head_gemv)  # (B, T, V)
+        return self.tok_embed.logits(x)  # (B, T, V)
 
     def _check_inputs(self, input_ids, input_pos, cache) -> None:
         if input_ids.dim() != 2:

@@ -123,7 +123,7 @@ class BenchmarkSession:
         dtype = DTYPES[settings.dtype]
         try:
             run_benchmark(
-                lambda d: self.model(settings.device, d),
+                lambda d, _quant: self.model(settings.device, d),
                 settings.modes,
                 [dtype],
                 settings.new_tokens,
@@ -153,7 +153,12 @@ class BenchmarkSession:
         )
 
     def figure(self) -> Figure:
-        """Three panels: decode tok/s per mode, tok/s against new tokens, peak memory per mode."""
+        """Three panels: decode tok/s per mode, tok/s against new tokens, peak memory per mode.
+
+        The speed panel draws each run's memory roofline as a dashed line: the
+        tok/s at which every weight is read once per token at the measured
+        read bandwidth, the ceiling for a decode step.
+        """
         fig = Figure(figsize=(13, 3.8), layout="constrained")
         speed, length, memory = fig.subplots(1, 3)
         runs = [run for run in self.runs if run.rows]
@@ -165,6 +170,11 @@ class BenchmarkSession:
             shown = [m for m in modes if m in longest]
             bars = speed.bar(xs, [longest[m].decode_tok_s for m in shown], width, label=run.label)
             speed.bar_label(bars, fmt="%.1f", fontsize="small")
+            roofline = run.rows[0].roofline_tok_s
+            if roofline == roofline:  # measured
+                color = bars.patches[0].get_facecolor()
+                label = f"{run.label}: memory roofline {roofline:.0f}"
+                speed.axhline(roofline, linestyle="--", linewidth=1, color=color, label=label)
             memory.bar(xs, [longest[m].peak_mem_bytes / MB for m in shown], width, label=run.label)
             for mode in _modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)

@@ -11,6 +11,7 @@ import torch
 from gemma_lite import Gemma, GemmaConfig, GemmaTokenizer, checks
 from gemma_lite.gguf_file import sha256_file
 from gemma_lite.huggingface import config_to_hf
+from gemma_lite.quantize import quantize
 from gemma_lite.weights import external_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,14 @@ class CharTokenizer:
 def tiny_model_for(dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Gemma, CharTokenizer]:
     """(model, tokenizer) for the benchmark and the dashboard: a tiny model that reads ASCII text."""
     return random_model(GemmaConfig.tiny(vocab_size=CharTokenizer.vocab_size), dtype, device), CharTokenizer()
+
+
+def tiny_bench_model(dtype: torch.dtype = torch.float32, quant: str = "none") -> tuple[Gemma, CharTokenizer]:
+    """``tiny_model_for`` as the benchmark asks for it: by dtype and weight format (int4: groups of 16)."""
+    model, tokenizer = tiny_model_for(dtype)
+    if quant != "none":
+        quantize(model, quant, group_size=16)
+    return model, tokenizer
 
 
 def passes(result, capsys) -> None:

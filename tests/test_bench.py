@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from helpers import tiny_model_for
+from helpers import tiny_bench_model
 
 from gemma_lite.bench import (
     MODES,
@@ -18,12 +18,13 @@ from gemma_lite.bench import (
     run_benchmark,
     write_json,
 )
+from gemma_lite.fast import optimize_for_decode
 
 
 def test_run_benchmark_rows_table_and_json(tmp_path):
     seen = []
     rows = run_benchmark(
-        tiny_model_for,
+        tiny_bench_model,
         ["regular", "kv"],
         [torch.float32, torch.bfloat16],
         [4, 8],
@@ -38,21 +39,38 @@ def test_run_benchmark_rows_table_and_json(tmp_path):
     for r in rows:
         assert r.decode_tok_s > 0 and r.prefill_tok_s > 0 and r.peak_mem_bytes > 0
         assert r.torch == torch.__version__ and r.machine and r.device == "cpu"
+        assert r.quant == "none" and r.read_gb_s > 0
+        assert r.bytes_per_token == tiny_bench_model(torch.float32)[0].num_parameters() * (
+            4 if r.dtype == "float32" else 2
+        )
+        assert r.roofline_share == pytest.approx(r.decode_tok_s * r.bytes_per_token / (r.read_gb_s * 1e9))
     lines = format_table(rows).splitlines()
-    assert [line.split()[:3] for line in lines[2:-1]] == [[r.mode, r.dtype, str(r.new_tokens)] for r in rows]
+    assert [line.split()[:3] for line in lines[2:-2]] == [[r.mode, r.dtype, str(r.new_tokens)] for r in rows]
+    assert "read bandwidth" in lines[-2] and f"{rows[0].read_gb_s:.1f} GB/s" in lines[-2]
     path = tmp_path / "rows.json"
     write_json(rows, str(path))
     assert [BenchRow(**r) for r in json.loads(path.read_text())] == rows
 
 
+def test_quantized_rows_read_fewer_bytes():
+    rows = run_benchmark(
+        tiny_bench_model, ["kv"], new_tokens=[4], runs=1, prompt="hello", quants=("none", "int8", "int4")
+    )
+    assert [r.quant for r in rows] == ["none", "int8", "int4"]
+    dense, int8, int4 = (r.bytes_per_token for r in rows)
+    assert dense > int8 > int4
+    lines = format_table(rows).splitlines()
+    assert [line.split()[1:3] for line in lines[3:5]] == [["int8", "(float32)"], ["int4", "(float32)"]]
+
+
 def test_stop_between_rows():
-    rows = run_benchmark(tiny_model_for, MODES[:2], new_tokens=[4], runs=1, should_stop=lambda: True)
+    rows = run_benchmark(tiny_bench_model, MODES[:2], new_tokens=[4], runs=1, should_stop=lambda: True)
     assert rows == []
 
 
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
-        run_benchmark(tiny_model_for, ["fast"], new_tokens=[4], runs=1)
+        run_benchmark(tiny_bench_model, ["fast"], new_tokens=[4], runs=1)
 
 
 def test_table_shows_ratio_to_hf_best():
@@ -87,10 +105,15 @@ def test_hf_rows_on_the_real_model(real, hf_model):
 
 
 @pytest.mark.compile
-def test_profile_names_where_the_time_goes():
-    model, tokenizer = tiny_model_for(torch.float32)
-    report = profile_decode(model, tokenizer, steps=3, prompt="hello")
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_profile_splits_the_step_into_weight_products_and_the_rest(quant):
+    model, tokenizer = tiny_bench_model(torch.float32, quant)
+    plan = optimize_for_decode(model, rounds=1)
+    report = profile_decode(model, tokenizer, plan, steps=3, prompt="hello")
     ms, tok_s = map(float, re.search(r"([\d.]+) ms/token \(([\d.]+) tok/s\)", report).groups())
     assert ms * tok_s == pytest.approx(1000, rel=0.05)
-    groups = [float(m) for m in re.findall(r"^  [a-z() ]+?\s+([\d.]+) ms$", report, re.M)]
-    assert len(groups) == 3 and 0 < sum(groups)
+    assert f"weights {quant}" in report
+    products = float(re.search(r"weight products .*?([-\d.]+) ms", report).group(1))
+    rest = float(re.search(r"everything else .*?([-\d.]+) ms", report).group(1))
+    assert products == pytest.approx(1e3 * plan.matmul_seconds(compiled=True), abs=0.05)
+    assert products + rest == pytest.approx(ms, abs=0.15)

@@ -1,0 +1,99 @@
+"""Every decode kernel computes the plain product of its format, within that format's rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import max_abs_diff
+
+from gemma_lite.kernels import (
+    BF16_ACTIVATIONS,
+    COMPILED_ONLY,
+    KERNELS,
+    dequantize_int4,
+    in_row_blocks,
+    matmul,
+    pack_int4,
+    unpack_int4,
+    usable,
+)
+from gemma_lite.quantize import Int4Linear, Int8Linear
+
+SHAPES = [(96, 64), (40, 128)]  # (O, I): I/2 holds whole groups of 16 and 32
+
+
+def stored_and_weight(fmt: str, out_features: int, in_features: int, dtype: torch.dtype):
+    """The stored tensors of a random matrix in ``fmt``, and that matrix as the plain computation sees it."""
+    weight = (
+        torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(out_features)) * 0.1
+    )
+    if fmt == "dense":
+        weight = weight.to(dtype)
+        return (weight,), weight.float()
+    layer = Int8Linear(weight, dtype) if fmt == "int8" else Int4Linear(weight, group_size=16)
+    return layer.stored(), layer.dequantize().to(dtype).float()
+
+
+def cases():
+    for fmt, kernels in KERNELS.items():
+        for name in kernels:
+            for dtype in (torch.float32, torch.bfloat16):
+                marks = [pytest.mark.compile] if name in COMPILED_ONLY else []
+                yield pytest.param(fmt, name, dtype, marks=marks, id=f"{fmt}-{name}-{str(dtype)[6:]}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fmt, name, dtype", list(cases()))
+def test_every_kernel_agrees_with_the_plain_computation(fmt, name, dtype):
+    compiled = name in COMPILED_ONLY
+    assert usable(fmt, name, dtype, torch.device("cpu"), compiled)
+    kernel = torch.compile(KERNELS[fmt][name], dynamic=False) if compiled else KERNELS[fmt][name]
+    for out_features, in_features in SHAPES:
+        stored, weight = stored_and_weight(fmt, out_features, in_features, dtype)
+        x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+        expected = x.float() @ weight.t()  # fp32 product of the very values the kernel holds
+        got = kernel(x, *stored)
+        assert got.shape == (1, out_features) and got.dtype == dtype
+        # each output is a sum of I products: fp32 accumulation differs only in order; bf16 outputs
+        # (and bf16-rounded activations) add one rounding of 2**-8 relative to the largest value
+        rounds_to_bf16 = dtype == torch.bfloat16 or name in BF16_ACTIVATIONS
+        tolerance = 2e-2 * expected.abs().max().item() if rounds_to_bf16 else 1e-5
+        assert max_abs_diff(got, expected) <= tolerance, (fmt, name, dtype)
+
+
+def test_eager_only_kernels_are_not_offered_for_compiled_only_use():
+    assert not usable("dense", "reduce", torch.float32, torch.device("cpu"), compiled=False)
+    assert usable("dense", "reduce", torch.float32, torch.device("cpu"), compiled=True)
+    assert not usable("dense", "gemv", torch.float32, torch.device("meta"), compiled=False)
+
+
+def test_int4_packing_round_trips_and_puts_the_two_halves_of_a_row_in_one_byte():
+    nibbles = torch.randint(0, 16, (5, 12), generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(nibbles)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), nibbles.to(torch.uint8))
+    assert int(packed[2, 1]) == int(nibbles[2, 1]) + 16 * int(nibbles[2, 7])
+
+
+def test_int4_dequantizes_each_group_with_its_scale_and_offset():
+    nibbles = torch.arange(16).repeat(2, 2)  # (2, 32): two groups of 16 per row
+    scale = torch.tensor([[1.0, 2.0], [0.5, 1.0]])
+    offset = torch.tensor([[0.0, -1.0], [3.0, 0.0]])
+    weight = dequantize_int4(pack_int4(nibbles), scale, offset)
+    assert torch.equal(weight[0, :16], torch.arange(16.0))
+    assert torch.equal(weight[0, 16:], 2 * torch.arange(16.0) - 1)
+    assert torch.equal(weight[1, :16], 0.5 * torch.arange(16.0) + 3)
+
+
+def test_dequantizing_kernels_work_in_blocks_of_rows_with_the_same_result():
+    weight = torch.randn(50, 8)
+    x = torch.randn(3, 8)
+    assert torch.allclose(in_row_blocks(F.linear, x, weight, rows=16), F.linear(x, weight), atol=1e-6)
+
+
+def test_longer_inputs_take_the_plain_kernel():
+    weight = torch.randn(6, 4)
+    x = torch.randn(2, 3, 4)  # prefill-like: 6 rows; "gemv" handles one row only
+    assert torch.allclose(matmul("dense", "gemv", x, weight), x @ weight.t(), atol=1e-6)
+    assert matmul("dense", "gemv", x[:1, :1], weight).shape == (1, 1, 6)
