@@ -100,3 +100,20 @@ def test_compiled_decode_of_a_quantized_model_gives_the_eager_tokens(scheme):
             layer.compiled_kernel = "reduce"
     compiled = Generator(model, tokenizer, compile=True)("hello world", 12, stop_at_eos=False)
     assert compiled.new_ids == eager.new_ids
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_greedy_tokens_of_the_real_model():
+    """Per-channel int8 moves each weight by at most half a step (1/254 of its row's largest);
+    on the real model the first greedy tokens of every prompt stay those of fp32."""
+    import gemma_lite
+
+    model, tokenizer = gemma_lite.load("bundled", device="cpu", dtype=torch.float32, progress=False)
+    dense = Generator(model, tokenizer)
+    expected = [dense(prompt, 8, stop_at_eos=False).new_ids[0] for prompt in PROMPTS]
+    quantize(model, "int8")
+    got = [Generator(model, tokenizer)(prompt, 8, stop_at_eos=False).new_ids[0] for prompt in PROMPTS]
+    assert got == expected
