@@ -172,9 +172,12 @@ class BenchmarkSession:
             speed.bar_label(bars, fmt="%.1f", fontsize="small")
             roofline = run.rows[0].roofline_tok_s
             if roofline == roofline:  # measured
-                color = bars.patches[0].get_facecolor()
+                style = dict(linestyle="--", linewidth=1, color=bars.patches[0].get_facecolor())
                 label = f"{run.label}: memory roofline {roofline:.0f}"
-                speed.axhline(roofline, linestyle="--", linewidth=1, color=color, label=label)
+                if roofline <= 3 * max(r.decode_tok_s for r in run.rows):
+                    speed.axhline(roofline, label=label, **style)
+                else:  # far above the bars: drawing it would flatten them, so it is only named
+                    speed.plot([], [], label=f"{label} (above the chart)", **style)
             memory.bar(xs, [longest[m].peak_mem_bytes / MB for m in shown], width, label=run.label)
             for mode in _modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)

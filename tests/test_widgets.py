@@ -49,6 +49,23 @@ def test_figure_has_three_panels_with_the_series(session):
     assert [int(t) for t in length.get_xticks()] == [4, 8]
 
 
+def test_the_speed_panel_draws_the_memory_roofline_or_names_it_when_far_above(session):
+    run = session.run(FAST)
+    roofline = run.rows[0].roofline_tok_s  # the tiny model reads ~1 MB a token: far above its bars
+    assert roofline > 3 * max(r.decode_tok_s for r in run.rows)
+    speed = session.figure().axes[0]
+    labels = [line.get_label() for line in speed.get_lines()]
+    assert labels == [f"#1 cpu float32: memory roofline {roofline:.0f} (above the chart)"]
+    assert speed.get_ylim()[1] < roofline
+    fastest = max(r.decode_tok_s for r in run.rows)
+    for row in run.rows:  # a machine whose memory allows only twice the fastest bar: the line is drawn
+        row.read_gb_s = 2 * fastest * row.bytes_per_token / 1e9
+    speed = session.figure().axes[0]
+    (line,) = speed.get_lines()
+    assert line.get_ydata()[0] == pytest.approx(run.rows[0].roofline_tok_s)
+    assert "(above the chart)" not in line.get_label()
+
+
 def test_one_length_draws_no_degenerate_curve(session):
     session.run(Settings(modes=("regular", "kv"), new_tokens=(4,), runs=1))
     speed, length, memory = session.figure().axes
