@@ -9,7 +9,17 @@ from .config import GemmaConfig
 from .kv_cache import KVCache
 from .loading import load
 from .model import Gemma
+from .quantize import bits_per_param, quantize, save_quantized
 from .tokenizer import GemmaTokenizer
 
-__all__ = ["Gemma", "GemmaConfig", "GemmaTokenizer", "KVCache", "load"]
+__all__ = [
+    "Gemma",
+    "GemmaConfig",
+    "GemmaTokenizer",
+    "KVCache",
+    "bits_per_param",
+    "load",
+    "quantize",
+    "save_quantized",
+]
 __version__ = "0.1.0"

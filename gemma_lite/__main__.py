@@ -50,28 +50,23 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from . import load
     from .bench import MODES, format_table, profile_decode, run_benchmark, write_json
     from .devices import dtype_name, resolve_device, resolve_dtype
     from .fast import optimize_for_decode
-    from .quantize import SCHEMES, quantize
 
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = set(args.modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    unknown = set(args.quant) - {"none", *SCHEMES}
-    if unknown:
-        raise ValueError(f"unknown --quant {sorted(unknown)}; choose from none, {', '.join(SCHEMES)}")
+    for quant in args.quant:
+        check_quant_arg(quant)
     device = resolve_device(args.device)
     dtypes = [resolve_dtype(d, device) for d in args.dtypes]
     plans = {}
 
     def model_for(dtype, quant="none"):
-        model, tokenizer = load(args.source, device, dtype, progress=False)
-        if quant != "none":
-            quantize(model, quant, args.group_size)
+        model, tokenizer = quantized_model(args, quant, device, dtype)
         print(f"measuring decode kernels for {quant} {dtype_name(dtype)} ...", file=sys.stderr, flush=True)
         plans[(quant, dtype_name(dtype))] = optimize_for_decode(model, compiled="kv-compiled" in args.modes)
         return model, tokenizer
@@ -109,6 +104,92 @@ def cmd_bench(args) -> int:
         write_json(rows, args.json)
         print(f"rows written to {args.json}")
     return 0
+
+
+def check_quant_arg(quant: str) -> None:
+    """--quant: "none", a method, or a directory written by ``eval --save``."""
+    from pathlib import Path
+
+    from .quantize import METHODS, is_quantized_dir
+
+    if quant != "none" and quant not in METHODS and not is_quantized_dir(Path(quant)):
+        raise ValueError(
+            f"--quant {quant!r} is neither a method ({', '.join(METHODS)}) nor a directory saved by "
+            "`python -m gemma_lite eval --quant METHOD --save DIR`"
+        )
+
+
+def quantized_model(args, quant: str, device, dtype):
+    """(model, tokenizer) with weights as --quant says: loaded and quantized, or a saved directory."""
+    from . import load
+    from .quantize import METHODS, quantize
+
+    if quant not in ("none", *METHODS):
+        return load(quant, device)
+    model, tokenizer = load(args.source, device, dtype, progress=False)
+    if quant != "none":
+        options = {"outlier_threshold": args.outlier_threshold} if args.outlier_threshold else {}
+        quantize(
+            model,
+            quant,
+            group_size=args.group_size,
+            bits=args.bits,
+            head=args.head,
+            tokenizer=tokenizer,
+            **options,
+        )
+    return model, tokenizer
+
+
+def cmd_eval(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from . import load
+    from .devices import resolve_device, resolve_dtype
+    from .evaluate import evaluate, heldout_windows, next_token_scores
+    from .quantize import save_quantized
+
+    if args.quant:
+        check_quant_arg(args.quant)
+    if args.text and not Path(args.text).is_file():
+        raise FileNotFoundError(f"--text {args.text}: no such file")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load(args.source, device, dtype, progress=False)
+    text = Path(args.text).read_text() if args.text else None
+    windows = heldout_windows(tokenizer, args.window, text)
+    reference_ppl, reference_top1 = next_token_scores(model, windows)
+    report = {"reference_perplexity": reference_ppl, "tokens": windows.numel(), "quant": args.quant or "none"}
+    if args.quant:
+        del model
+        started = time.perf_counter()
+        model, tokenizer = quantized_model(args, args.quant, device, dtype)
+        report["quantize_s"] = time.perf_counter() - started
+        if args.save:
+            save_quantized(model, tokenizer, args.save)
+    report.update(evaluate(model, windows, reference_top1))
+    agreement = "" if report["agreement"] is None else f", agreement {report['agreement']:.1%}"
+    print(
+        f"{report['quant']}: perplexity {report['perplexity']:.3f} (unquantized {reference_ppl:.3f}), "
+        f"{report['bits_per_param']:.3f} bits per parameter{agreement}, "
+        f"{report['model_bytes'] / 1e6:.1f} MB  [{windows.shape[0]} windows of {args.window} tokens]"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--group-size", type=int, default=None, help="weights per scale (int4/int3: 64, gptq: 128, spqr: 16)"
+    )
+    p.add_argument("--bits", type=int, default=None, help="gptq: 3 or 4 (default 4)")
+    p.add_argument("--head", default="same", help="the tied embedding/head: same | int8 | none")
+    p.add_argument(
+        "--outlier-threshold", type=float, default=None, help="spqr: outlier sensitivity threshold"
+    )
 
 
 def cmd_memory(args) -> int:
@@ -166,12 +247,29 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--prompt", default="The capital of France is")
     b.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--quant", nargs="+", default=["none"], help="weight formats: none int8 int4")
-    b.add_argument("--group-size", type=int, default=64, help="int4: weights per scale and offset")
+    b.add_argument(
+        "--quant",
+        nargs="+",
+        default=["none"],
+        help="none, int8, int4, int3, gptq, spqr, or a directory saved by eval --save",
+    )
+    _add_quant_args(b)
     b.add_argument("--kernels", action="store_true", help="also print the measured kernel speeds")
     b.add_argument("--profile", action="store_true", help="where a compiled decode step spends its time")
     _add_model_args(b)
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="perplexity, bits per parameter and agreement, quantized or not")
+    _add_model_args(e)
+    e.add_argument(
+        "--quant", default=None, help="int8 | int4 | int3 | gptq | spqr, or a directory saved by --save"
+    )
+    _add_quant_args(e)
+    e.add_argument("--text", default=None, help="held-out text file (default: the bundled held-out text)")
+    e.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
+    e.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
+    e.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("memory", help="predicted memory: parameters, inference, training, KV cache")
     m.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

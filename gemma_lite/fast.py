@@ -3,7 +3,7 @@
 A decode step multiplies one activation row by every weight matrix once, so it
 is bound by how fast the weights stream from memory: the kernel that reads a
 matrix fastest wins. Which one that is depends on the machine, the format
-(dense fp32/bf16, int8, int4: ``kernels.py``), the matrix shape, and whether
+(dense fp32/bf16, int8, int4, int3, spqr: ``kernels.py``), the matrix shape, and whether
 the step runs eagerly or compiled. So ``optimize_for_decode(model)``:
 
 1. times every kernel of every distinct (format, shape) of the model's weight
@@ -37,10 +37,8 @@ def kernel_layers(model: nn.Module) -> list[KernelChoice]:
 
 def layer_shape(layer: KernelChoice) -> tuple[str, int, int]:
     """(format, O, I) of a layer's matrix: what its kernels' speed depends on."""
-    out_features, in_features = layer.stored()[0].shape
-    if layer.weight_format == "int4":
-        in_features *= 2  # two columns per byte
-    return layer.weight_format, out_features, in_features
+    out_features, in_features = layer.stored()[0].shape[:2]
+    return layer.weight_format, out_features, getattr(layer, "in_features", in_features)
 
 
 def time_calls(candidates: dict[str, Callable[[], object]], rounds: int, device) -> dict[str, float]:

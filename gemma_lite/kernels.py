@@ -9,13 +9,16 @@ format      stored tensors                        the plain computation
 ==========  ====================================  ==================================
 dense       weight (O, I), fp32/bf16/fp16         ``F.linear(x, weight)``
 int8        q (O, I) int8, scale (O,)             ``F.linear(x, q * scale[:, None])``
-int4        packed (O, I/2) uint8, scale and      ``F.linear(x, dequantize(...))``
-            offset (O, I/G) per group of G
+int4, int3  packed (O, I/G, G/2 or 3G/8) uint8,   ``F.linear(x, dequantize(...))``
+            scale and offset (O, I/G) per group
+spqr        int3 as above, plus outliers as       the int3 product plus the sparse one
+            (row, column, value) triples
 ==========  ====================================  ==================================
 
-Int4 packing: byte ``j`` of a row holds column ``j`` in its low nibble and
-column ``j + I/2`` in its high nibble, so both halves of a row are contiguous
-runs of x. A weight is ``nibble * scale + offset`` of its group.
+A grouped weight is ``code * scale + offset`` of its group of G consecutive
+weights of a row. int4 packing: byte ``j`` of a group holds its weight ``j`` in
+the low nibble and ``j + G/2`` in the high one; int3 packs 8 codes in 3 bytes
+(``pack_int3``).
 
 The "reduce" kernels write the product as an elementwise multiply and a sum,
 ``(x[:, None, :] * w).sum(-1)``. Run eagerly that would build an (N, O, I)
@@ -32,7 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("dense", "int8", "int4")
+FORMATS = ("dense", "int8", "int4", "int3", "spqr")
 Kernel = Callable[..., torch.Tensor]
 
 
@@ -129,60 +132,134 @@ def int8_packed_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
     return torch._weight_int8pack_mm(x_in, q, scale_in).to(x.dtype)
 
 
-# -------------------------------------------------- int4: packed (O, I/2), scale and offset (O, I/G)
+# ------------------- int4 / int3: codes packed per group (O, I/G, bytes), scale and offset (O, I/G)
 
 
-def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """(O, I) integers in 0..15 -> (O, I/2) uint8: column j low, column j + I/2 high."""
-    half = nibbles.shape[-1] // 2
-    nibbles = nibbles.to(torch.uint8)
-    return nibbles[..., :half] | (nibbles[..., half:] << 4)
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., n) integers in 0..15 -> (..., n/2) uint8: element j low nibble, element j + n/2 high."""
+    half = codes.shape[-1] // 2
+    codes = codes.to(torch.uint8)
+    return codes[..., :half] | (codes[..., half:] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(O, I/2) uint8 -> (O, I) uint8 nibbles; the inverse of ``pack_int4``."""
+    """(..., n/2) uint8 -> (..., n) uint8 codes; the inverse of ``pack_int4``."""
     return torch.cat([packed & 15, packed >> 4], dim=-1)
 
 
-def dequantize_int4(
-    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype = torch.float32
+def pack_int3(codes: torch.Tensor) -> torch.Tensor:
+    """(..., n) integers in 0..7, n a multiple of 8 -> (..., 3n/8) uint8, exactly 3 bits each.
+
+    Two planes: the low two bits of the four quarters of the n codes share
+    n/4 bytes (quarter k at bits 2k, 2k+1), and the high bits of the eight
+    eighths share n/8 bytes (eighth k at bit k).
+    """
+    codes = codes.to(torch.uint8)
+    quarters = (codes & 3).unflatten(-1, (4, -1))  # (..., 4, n/4)
+    eighths = (codes >> 2).unflatten(-1, (8, -1))  # (..., 8, n/8)
+    low = sum(quarters[..., k, :] << (2 * k) for k in range(4))
+    high = sum(eighths[..., k, :] << k for k in range(8))
+    return torch.cat([low, high], dim=-1).to(torch.uint8)
+
+
+def unpack_int3(packed: torch.Tensor) -> torch.Tensor:
+    """(..., 3n/8) uint8 -> (..., n) uint8 codes; the inverse of ``pack_int3``."""
+    n = packed.shape[-1] * 8 // 3
+    low, high = packed[..., : n // 4], packed[..., n // 4 :]
+    low_bits = torch.cat([(low >> (2 * k)) & 3 for k in range(4)], dim=-1)  # (..., n)
+    high_bits = torch.cat([(high >> k) & 1 for k in range(8)], dim=-1)  # (..., n)
+    return low_bits | (high_bits << 2)
+
+
+PACKERS = {4: (pack_int4, unpack_int4), 3: (pack_int3, unpack_int3)}
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) codes in 0..2^bits - 1 -> packed uint8 along the last dimension."""
+    return PACKERS[bits][0](codes)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed uint8 -> (..., n) uint8 codes; the inverse of ``pack_codes``."""
+    return PACKERS[bits][1](packed)
+
+
+def dequantize_groups(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(O, I/2) nibbles, (O, I/G) scale and offset -> (O, I) weights, computed in fp32, in ``dtype``."""
-    rows, groups = scale.shape
-    nibbles = unpack_int4(packed).view(rows, groups, -1)  # (O, I/G, G)
-    weight = nibbles.float() * scale.float()[..., None] + offset.float()[..., None]
-    return weight.view(rows, -1).to(dtype)
+    """(O, I/G, bytes) packed codes, (O, I/G) scale and offset -> (O, I) weights, computed in fp32."""
+    codes = unpack_codes(packed, bits)  # (O, I/G, G)
+    weight = codes.float() * scale.float()[..., None] + offset.float()[..., None]
+    return weight.flatten(-2).to(dtype)
 
 
-def _int4_block(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-) -> torch.Tensor:
-    return F.linear(x, dequantize_int4(packed, scale, offset, x.dtype))
-
-
-def int4_linear(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+def grouped_linear(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """The plain computation: dequantize a block of rows at a time and multiply. (N, I) -> (N, O)."""
-    return in_row_blocks(_int4_block, x, packed, scale, offset)
+
+    def block(x, packed, scale, offset):
+        return F.linear(x, dequantize_groups(packed, scale, offset, bits, x.dtype))
+
+    return in_row_blocks(block, x, packed, scale, offset)
 
 
-def int4_reduce(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+def grouped_reduce(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """Both nibbles of each byte times their x, summed in fp32 (compiled only). (N, I) -> (N, O).
+    """Each code times its x, summed per group in fp32, then scaled (compiled only). (N, I) -> (N, O).
 
-    Needs the group size G to divide I/2, so that each half of a row holds whole groups.
+    sum_j x_j (q_j s + m) = s * sum_j x_j q_j + m * sum_j x_j for each group, so
+    the codes are multiplied as they are, and the scale and offset once per group.
     """
-    rows, half = packed.shape
-    groups = scale.shape[1]
-    g = 2 * half // groups  # group size
-    p = packed.view(rows, groups // 2, g)  # (O, I/2G, G)
-    s, m = scale.float().view(rows, 2, groups // 2, 1), offset.float().view(rows, 2, groups // 2, 1)
-    low = (p & 15).float() * s[:, 0] + m[:, 0]  # (O, I/2G, G): columns 0 .. I/2-1
-    high = (p >> 4).float() * s[:, 1] + m[:, 1]  # columns I/2 .. I-1
-    xs = materialize(x).float().view(x.shape[0], 1, 2, groups // 2, g)  # (N, 1, 2, I/2G, G)
-    return (xs[:, :, 0] * low + xs[:, :, 1] * high).sum((-1, -2)).to(x.dtype)
+    rows, groups, _ = packed.shape
+    codes = unpack_codes(packed, bits).float()  # (O, I/G, G)
+    xs = materialize(x).float().view(x.shape[0], 1, groups, -1)  # (N, 1, I/G, G)
+    dot = (xs * codes).sum(-1)  # (N, O, I/G)
+    return (dot * scale.float() + xs.sum(-1) * offset.float()).sum(-1).to(x.dtype)
+
+
+def int4_linear(x, packed, scale, offset):
+    return grouped_linear(x, packed, scale, offset, bits=4)
+
+
+def int4_reduce(x, packed, scale, offset):
+    return grouped_reduce(x, packed, scale, offset, bits=4)
+
+
+def int3_linear(x, packed, scale, offset):
+    return grouped_linear(x, packed, scale, offset, bits=3)
+
+
+def int3_reduce(x, packed, scale, offset):
+    return grouped_reduce(x, packed, scale, offset, bits=3)
+
+
+# ------ spqr: int3 codes in groups plus a sparse table of corrections (outlier rows, columns, values)
+
+
+def sparse_product(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int
+):
+    """x (N, I) times a sparse (O, I) matrix given as (row, column, value) triples -> (N, O), fp32."""
+    contributions = x.float()[:, cols.long()] * values.float()  # (N, nnz)
+    return x.new_zeros(x.shape[0], out_features, dtype=torch.float32).index_add_(1, rows, contributions)
+
+
+def spqr_linear(x, packed, scale, offset, rows, cols, values):
+    """The int3 product plus the outliers' corrections. (N, I) -> (N, O)."""
+    dense = grouped_linear(x, packed, scale, offset, bits=3)
+    return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
+
+
+def spqr_reduce(x, packed, scale, offset, rows, cols, values):
+    """The same with the int3 part as a compiled reduction."""
+    dense = grouped_reduce(x, packed, scale, offset, bits=3)
+    return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
 
 
 # Every kernel of a format, by name; the first is the plain computation.
@@ -190,6 +267,8 @@ KERNELS: dict[str, dict[str, Kernel]] = {
     "dense": {"linear": dense_linear, "gemv": dense_gemv, "reduce": dense_reduce},
     "int8": {"linear": int8_linear, "reduce": int8_reduce, "packed_mm": int8_packed_mm},
     "int4": {"linear": int4_linear, "reduce": int4_reduce},
+    "int3": {"linear": int3_linear, "reduce": int3_reduce},
+    "spqr": {"linear": spqr_linear, "reduce": spqr_reduce},
 }
 
 # Kernels that build an (N, O, I) temporary when run eagerly: compiled use only.

