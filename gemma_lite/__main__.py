@@ -146,7 +146,10 @@ def cmd_eval(args) -> int:
     import time
     from pathlib import Path
 
+    import torch
+
     from . import load
+    from .bench import machine_name
     from .devices import resolve_device, resolve_dtype
     from .evaluate import evaluate, heldout_windows, next_token_scores
     from .quantize import save_quantized
@@ -161,7 +164,8 @@ def cmd_eval(args) -> int:
     text = Path(args.text).read_text() if args.text else None
     windows = heldout_windows(tokenizer, args.window, text)
     reference_ppl, reference_top1 = next_token_scores(model, windows)
-    report = {"reference_perplexity": reference_ppl, "tokens": windows.numel(), "quant": args.quant or "none"}
+    report = {"reference_perplexity": reference_ppl, "tokens": windows.numel(), "quant": args.quant or "none",
+              "machine": machine_name(device), "torch": torch.__version__}
     if args.quant:
         del model
         started = time.perf_counter()

@@ -67,8 +67,7 @@ def layer_maker(method: str, bits: int | None, group_size: int | None, options: 
         return group_size, fit, build, solver
     from .spqr import SpQRFit, SpQRLinear
 
-    if bits not in (None, 3):
-        raise ValueError(f"spqr stores 3-bit weights; bits={bits} is not available")
+    bits = bits or 3
     group_size = group_size or 16
     threshold = options.pop("outlier_threshold", 20.0)
     stat_bits, stat_group = options.pop("stat_bits", 3), options.pop("stat_group", 16)
@@ -77,10 +76,10 @@ def layer_maker(method: str, bits: int | None, group_size: int | None, options: 
             f"spqr has no options {sorted(options)}; it takes outlier_threshold, stat_bits, stat_group, "
             "damp, act_order, block_size"
         )
-    fit = partial(SpQRFit, threshold=threshold, stat_bits=stat_bits, stat_group=stat_group)
+    fit = partial(SpQRFit, bits=bits, threshold=threshold, stat_bits=stat_bits, stat_group=stat_group)
 
     def build(rounded):
-        return SpQRLinear(rounded, group_size, stat_bits, stat_group)
+        return SpQRLinear(rounded, bits, group_size, stat_bits, stat_group)
 
     return group_size, fit, build, solver
 

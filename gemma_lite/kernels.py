@@ -11,7 +11,7 @@ dense       weight (O, I), fp32/bf16/fp16         ``F.linear(x, weight)``
 int8        q (O, I) int8, scale (O,)             ``F.linear(x, q * scale[:, None])``
 int4, int3  packed (O, I/G, G/2 or 3G/8) uint8,   ``F.linear(x, dequantize(...))``
             scale and offset (O, I/G) per group
-spqr        int3 as above, plus outliers as       the int3 product plus the sparse one
+spqr3/4     int3/int4 as above, plus outliers as  the grouped product plus the sparse one
             (row, column, value) triples
 ==========  ====================================  ==================================
 
@@ -31,11 +31,12 @@ read bandwidth, where the library kernels are slower or do not exist.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-FORMATS = ("dense", "int8", "int4", "int3", "spqr")
+FORMATS = ("dense", "int8", "int4", "int3", "spqr3", "spqr4")
 Kernel = Callable[..., torch.Tensor]
 
 
@@ -250,15 +251,15 @@ def sparse_product(
     return x.new_zeros(x.shape[0], out_features, dtype=torch.float32).index_add_(1, rows, contributions)
 
 
-def spqr_linear(x, packed, scale, offset, rows, cols, values):
-    """The int3 product plus the outliers' corrections. (N, I) -> (N, O)."""
-    dense = grouped_linear(x, packed, scale, offset, bits=3)
+def spqr_linear(x, packed, scale, offset, rows, cols, values, bits: int):
+    """The grouped product plus the outliers' corrections. (N, I) -> (N, O)."""
+    dense = grouped_linear(x, packed, scale, offset, bits)
     return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
 
 
-def spqr_reduce(x, packed, scale, offset, rows, cols, values):
-    """The same with the int3 part as a compiled reduction."""
-    dense = grouped_reduce(x, packed, scale, offset, bits=3)
+def spqr_reduce(x, packed, scale, offset, rows, cols, values, bits: int):
+    """The same with the grouped part as a compiled reduction."""
+    dense = grouped_reduce(x, packed, scale, offset, bits)
     return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
 
 
@@ -268,7 +269,8 @@ KERNELS: dict[str, dict[str, Kernel]] = {
     "int8": {"linear": int8_linear, "reduce": int8_reduce, "packed_mm": int8_packed_mm},
     "int4": {"linear": int4_linear, "reduce": int4_reduce},
     "int3": {"linear": int3_linear, "reduce": int3_reduce},
-    "spqr": {"linear": spqr_linear, "reduce": spqr_reduce},
+    "spqr3": {"linear": partial(spqr_linear, bits=3), "reduce": partial(spqr_reduce, bits=3)},
+    "spqr4": {"linear": partial(spqr_linear, bits=4), "reduce": partial(spqr_reduce, bits=4)},
 }
 
 # Kernels that build an (N, O, I) temporary when run eagerly: compiled use only.

@@ -10,7 +10,7 @@ storage, so the model's memory shrinks with its bits per weight. Methods:
   a row: ``w = q * scale + offset``, q spanning the group's min..max.
 * ``gptq``: the same grouped format (``bits`` 3 or 4), the codes chosen column by
   column with the error fed forward through calibration statistics (``gptq.py``).
-* ``spqr``: 3-bit codes in groups of 16 whose scales and zero points are
+* ``spqr``: 3-bit (or 4-bit) codes in groups of 16 whose scales and zero points are
   themselves quantized to 3 bits, plus the few sensitive weights kept in 16-bit
   in a sparse table (``spqr.py``).
 
@@ -242,8 +242,10 @@ def check_options(method: str, head: str, bits: int | None, group_size: int | No
         raise ValueError(f"unknown quantization method {method!r}; choose from {', '.join(METHODS)}")
     if head not in HEAD_CHOICES:
         raise ValueError(f"head={head!r}: choose from {', '.join(HEAD_CHOICES)}")
-    if bits is not None and method == "gptq" and bits not in (3, 4):
-        raise ValueError(f"gptq bits={bits}: choose 3 or 4")
+    if bits is not None and method in CALIBRATED and bits not in (3, 4):
+        raise ValueError(f"{method} bits={bits}: choose 3 or 4")
+    if bits is not None and method not in CALIBRATED:
+        raise ValueError(f"{method} fixes its bits; bits= is for gptq and spqr")
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be a positive number of weights, got {group_size}")
 
@@ -265,7 +267,7 @@ def quantize(
 
     method: "int8", "int4", "int3" (round to nearest), "gptq" or "spqr" (calibrated).
     group_size: weights per scale and offset (int4/int3/gptq: default 64 / 128; spqr: 16).
-    bits: gptq's code width, 3 or 4 (default 4).
+    bits: the code width of gptq (3 or 4, default 4) and spqr (3 or 4, default 3).
     head: the tied embedding/head: "same" as the rest, "int8", or "none" (kept dense).
     tokenizer / calibration: gptq and spqr need calibration tokens, (N, T) ids, or a
         tokenizer to read the bundled calibration text (``calibration.py``).
@@ -369,7 +371,7 @@ def empty_layer(description: dict) -> QuantizedLinear:
         bits, group = description["bits"], description["group_size"]
         zeros = torch.zeros(rows, cols // group)
         return GroupLinear(torch.zeros(rows, cols, dtype=torch.uint8), zeros, zeros, bits, perm)
-    if fmt == "spqr":
+    if fmt in ("spqr3", "spqr4"):
         from .spqr import SpQRLinear
 
         return SpQRLinear.empty(description)

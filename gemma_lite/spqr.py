@@ -33,8 +33,6 @@ from .gptq import GroupFit, Rounded
 from .kernels import dequantize_groups, pack_codes
 from .quantize import QuantizedLinear, encode, minmax_grid
 
-BITS = 3
-
 
 class StatisticsGrid:
     """A vector of statistics (O,) rounded to ``bits`` in groups of ``group`` entries (fp16 grids)."""
@@ -51,9 +49,9 @@ class StatisticsGrid:
         return (self.codes.view(-1, group) * self.step[:, None] + self.start[:, None]).view(-1)[: self.size]
 
 
-def grid_error(w: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def grid_error(w, d, scale, offset, bits: int) -> torch.Tensor:
     """Each weight's squared rounding error on the grid, over its inverse-Hessian diagonal d. (..., G)"""
-    rounded = encode(w, scale, offset, BITS) * scale + offset
+    rounded = encode(w, scale, offset, bits) * scale + offset
     return (w - rounded) ** 2 / d
 
 
@@ -66,7 +64,7 @@ def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Ten
     """
 
     def error(w, low, high):  # w (..., G); low, high (..., 1) -> (..., G)
-        return grid_error(w, d, ((high - low) / (2**bits - 1)).clamp(min=1e-8), low)
+        return grid_error(w, d, ((high - low) / (2**bits - 1)).clamp(min=1e-8), low, bits)
 
     ordered, order = w.sort(dim=-1)  # (O, G)
     base = error(w, ordered[:, :1], ordered[:, -1:]).sum(-1, keepdim=True)  # (O, 1)
@@ -81,13 +79,13 @@ def leave_one_out_gain(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Ten
 class SpQRFit(GroupFit):
     """SpQR's rounding of one group: outliers picked, grid fitted to the rest, statistics quantized."""
 
-    def __init__(self, w, d, threshold: float, stat_bits: int, stat_group: int, chunk_rows: int = 32_768):
-        self.bits = BITS
+    def __init__(self, w, d, bits: int, threshold: float, stat_bits: int, stat_group: int, chunk_rows=32_768):
+        self.bits = bits
         gain = torch.cat(
-            [leave_one_out_gain(w[i : i + chunk_rows], d, BITS) for i in range(0, w.shape[0], chunk_rows)]
+            [leave_one_out_gain(w[i : i + chunk_rows], d, bits) for i in range(0, w.shape[0], chunk_rows)]
         )
-        scale, offset = minmax_grid(w, BITS)
-        typical = grid_error(w, d, scale[:, None], offset[:, None]).mean()  # per weight, without outliers
+        scale, offset = minmax_grid(w, bits)
+        typical = grid_error(w, d, scale[:, None], offset[:, None], bits).mean()  # per weight, outliers in
         self.outliers = gain > threshold * typical  # (O, G)
         inf = torch.tensor(float("inf"), device=w.device)
         low = torch.where(self.outliers, inf, w).amin(-1)
@@ -96,7 +94,7 @@ class SpQRFit(GroupFit):
         high = torch.where(torch.isinf(high), w.amax(-1), high)
         # a grid far from 0 would need a huge zero point: widen its step instead, so |zero| <= 64
         reach = torch.maximum(low.abs(), high.abs()) / 64
-        first_scale = torch.maximum((high - low) / (2**BITS - 1), reach).clamp(min=2**-14)
+        first_scale = torch.maximum((high - low) / (2**bits - 1), reach).clamp(min=2**-14)
         self.scales = StatisticsGrid(first_scale, stat_bits, stat_group)
         self.zeros = StatisticsGrid(-low / first_scale, stat_bits, stat_group)
         self.scale = self.scales.decoded()
@@ -104,9 +102,9 @@ class SpQRFit(GroupFit):
 
 
 class SpQRLinear(QuantizedLinear):
-    """3-bit codes in groups of G, quantized statistics, and a sparse table of outliers.
+    """3- or 4-bit codes in groups of G, quantized statistics, and a sparse table of outliers.
 
-    packed (O, I/G, 3G/8) uint8 codes; scale_codes, zero_codes (I/G, O/S, 3S/8)
+    packed (O, I/G, G*bits/8) uint8 codes; scale_codes, zero_codes (I/G, O/S, 3S/8)
     uint8 and scale_grid, zero_grid (I/G, O/S, 2) fp16 [step, start] for the
     statistics in groups of S rows; outlier_ptr (O + 1,) int32, outlier_cols
     (nnz,) int16, outlier_values (nnz,) fp16 (CSR); ``perm`` the column order.
@@ -114,20 +112,20 @@ class SpQRLinear(QuantizedLinear):
     correction if (r, c) is an outlier.
     """
 
-    weight_format = "spqr"
 
-    def __init__(self, rounded: Rounded, group_size: int, stat_bits: int, stat_group: int):
+    def __init__(self, rounded: Rounded, bits: int, group_size: int, stat_bits: int, stat_group: int):
         out_features, in_features = rounded.codes.shape
         super().__init__(in_features, out_features, rounded.perm)
-        self.group_size, self.stat_bits, self.stat_group = group_size, stat_bits, stat_group
-        self.register_buffer("packed", pack_codes(rounded.codes.view(out_features, -1, group_size), BITS))
+        self.bits, self.group_size, self.stat_bits, self.stat_group = bits, group_size, stat_bits, stat_group
+        self.weight_format = f"spqr{bits}"
+        self.register_buffer("packed", pack_codes(rounded.codes.view(out_features, -1, group_size), bits))
         for name in ("scale", "zero"):
             grids = [getattr(fit, name + "s") for fit in rounded.fits]  # one per column group
             codes = torch.stack([g.codes for g in grids]).view(len(grids), -1, stat_group)  # (I/G, O/S, S)
             grid = torch.stack([torch.stack([g.step, g.start], -1) for g in grids])  # (I/G, O/S, 2)
             self.register_buffer(f"{name}_codes", pack_codes(codes, stat_bits))
             self.register_buffer(f"{name}_grid", grid.half())
-        dense = dequantize_groups(self.packed, *self.first_level(), BITS)  # (O, I)
+        dense = dequantize_groups(self.packed, *self.first_level(), self.bits)  # (O, I)
         rows, cols = rounded.outliers.nonzero(as_tuple=True)  # row by row: CSR order
         ptr = torch.zeros(out_features + 1, dtype=torch.int64)
         ptr[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
@@ -142,10 +140,11 @@ class SpQRLinear(QuantizedLinear):
         rows, cols, group = description["out"], description["in"], description["group_size"]
         layer = cls.__new__(cls)
         QuantizedLinear.__init__(layer, cols, rows, torch.arange(cols))
-        layer.group_size, layer.stat_bits = group, description["stat_bits"]
+        layer.bits, layer.group_size, layer.stat_bits = description["bits"], group, description["stat_bits"]
+        layer.weight_format = f"spqr{layer.bits}"
         layer.stat_group = description["stat_group"]
         layer.register_buffer(
-            "packed", torch.zeros(rows, cols // group, group * BITS // 8, dtype=torch.uint8)
+            "packed", torch.zeros(rows, cols // group, group * layer.bits // 8, dtype=torch.uint8)
         )
         stat_bytes = layer.stat_group * layer.stat_bits // 8
         row_groups = -(-rows // layer.stat_group)
@@ -192,13 +191,13 @@ class SpQRLinear(QuantizedLinear):
 
     def stored_weight(self, rows=None):
         if rows is None:
-            weight = dequantize_groups(self.packed, *self.first_level(), BITS)
+            weight = dequantize_groups(self.packed, *self.first_level(), self.bits)
             rows_all = self.outlier_rows.long()
             return weight.index_put_(
                 (rows_all, self.outlier_cols.long()), self.outlier_values.float(), accumulate=True
             )
         flat = rows.reshape(-1)
-        weight = dequantize_groups(self.packed[flat], *self.first_level(flat), BITS)  # (n, I)
+        weight = dequantize_groups(self.packed[flat], *self.first_level(flat), self.bits)  # (n, I)
         if self.max_row_outliers:  # each row's outliers: at most max_row_outliers, read from the CSR
             start = self.outlier_ptr[flat].long()
             count = self.outlier_ptr[flat + 1].long() - start
@@ -211,6 +210,7 @@ class SpQRLinear(QuantizedLinear):
     def description(self):
         return {
             **super().description(),
+            "bits": self.bits,
             "group_size": self.group_size,
             "stat_bits": self.stat_bits,
             "stat_group": self.stat_group,

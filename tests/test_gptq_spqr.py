@@ -102,8 +102,8 @@ def test_spqr_keeps_planted_outliers_exact_and_rounds_the_rest_on_a_tight_grid()
     planted = [(3, 10), (17, 40), (50, 5)]
     for r, c in planted:
         weight[r, c] = 2.0
-    fit = partial(SpQRFit, threshold=20.0, stat_bits=3, stat_group=16)
-    layer = SpQRLinear(gptq(weight, torch.eye(64), fit, 16, act_order=False), 16, 3, 16)
+    fit = partial(SpQRFit, bits=3, threshold=20.0, stat_bits=3, stat_group=16)
+    layer = SpQRLinear(gptq(weight, torch.eye(64), fit, 16, act_order=False), 3, 16, 3, 16)
     found = set(zip(layer.outlier_rows.tolist(), layer.outlier_cols.tolist(), strict=True))
     assert set(planted) <= found and len(found) < 0.03 * weight.numel()
     restored = layer.dequantize()
@@ -151,6 +151,7 @@ def test_bits_per_param_counts_every_stored_byte(method, options):
         ("int8", {}),
         ("gptq", {"bits": 4, "group_size": 16}),
         ("spqr", {"outlier_threshold": 5.0}),
+        ("spqr", {"bits": 4}),
         ("int4", {"head": "none"}),
     ],
 )

@@ -35,10 +35,11 @@ def quantized_layer(fmt: str, weight: torch.Tensor, dtype: torch.dtype):
         return Int8Linear(weight, dtype)
     if fmt in ("int4", "int3"):
         return GroupLinear.round_to_nearest(weight, int(fmt[-1]), group_size=16)
-    fit = partial(SpQRFit, threshold=4.0, stat_bits=3, stat_group=16)
+    bits = int(fmt[-1])  # spqr3, spqr4
+    fit = partial(SpQRFit, bits=bits, threshold=4.0, stat_bits=3, stat_group=16)
     rounded = gptq(weight, torch.eye(weight.shape[1]), fit, 16, act_order=False)
     assert rounded.outliers.any()
-    return SpQRLinear(rounded, 16, 3, 16)
+    return SpQRLinear(rounded, bits, 16, 3, 16)
 
 
 def stored_and_weight(fmt: str, out_features: int, in_features: int, dtype: torch.dtype):
