@@ -56,8 +56,11 @@ def load(
     cache_dir, token: passed to ``huggingface_hub`` for a hub repo id.
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
     kind, path = source_kind(source)  # path: a file, a directory, or a hub repo id
+    if kind == "quantized":  # written by save_quantized: in its own format, activations in ``dtype`` if given
+        model = load_quantized(path, device, None if dtype is None else resolve_dtype(dtype, device))
+        return model.eval(), GemmaTokenizer.from_file(path / "tokenizer.json")
+    dtype = resolve_dtype(dtype, device)
     if kind == "gguf":
         if sha256 is not None and sha256_file(path) != sha256.lower():
             raise WeightsError(
@@ -72,10 +75,6 @@ def load(
         model = empty_model(cfg, device, dtype)
         load_gguf_weights(model, gguf, progress=progress)
         return model, tokenizer
-
-    if kind == "quantized":  # written by save_quantized: the format and dtype it was saved in
-        model = load_quantized(path, device)
-        return model.eval(), GemmaTokenizer.from_file(path / "tokenizer.json")
 
     directory = path if kind == "hf" else hub_snapshot(path, cache_dir=cache_dir, token=token)
     cfg = config_from_hf(directory)

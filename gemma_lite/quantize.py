@@ -378,8 +378,9 @@ def empty_layer(description: dict) -> QuantizedLinear:
     raise ValueError(f"unknown layer format {fmt!r} in {QUANT_FILE}")
 
 
-def load_quantized(directory: Path, device: torch.device) -> Gemma:
-    """The model ``save_quantized`` wrote to ``directory``, on ``device``."""
+def load_quantized(directory: Path, device: torch.device, dtype: torch.dtype | None = None) -> Gemma:
+    """The model ``save_quantized`` wrote to ``directory``, on ``device``, activations in ``dtype``
+    (default: the dtype it was saved with)."""
     from safetensors.torch import load_file
 
     from .config import GemmaConfig
@@ -389,9 +390,8 @@ def load_quantized(directory: Path, device: torch.device) -> Gemma:
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise WeightsError(f"{weights} is missing: save the quantized model again with save_quantized")
-    dtype = getattr(torch, meta["dtype"])
     cfg = GemmaConfig(**meta["config"])
-    model = empty_model(cfg, torch.device("cpu"), dtype)
+    model = empty_model(cfg, torch.device("cpu"), getattr(torch, meta["dtype"]))
     for name, description in meta["layers"].items():
         replace_layer(model, name, empty_layer(description))
     state = load_file(str(weights))
@@ -405,4 +405,23 @@ def load_quantized(directory: Path, device: torch.device) -> Gemma:
         if isinstance(layer, QuantizedLinear):
             layer.restore_derived()
     model.quant_method = meta["method"]
+    if dtype is not None and dtype != model.dtype:
+        set_activation_dtype(model, dtype)
     return model.to(device)
+
+
+def set_activation_dtype(model: Gemma, dtype: torch.dtype) -> None:
+    """Run a quantized model's activations in ``dtype``.
+
+    What is kept in the activations' dtype follows (the norms, matrices kept dense,
+    int8 row scales, the embedding's sqrt(C) factor); packed codes and the fp16
+    statistics of groups stay as they are.
+    """
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.scale = module.scale.to(dtype)
+        if isinstance(module, QuantizedEmbedding):
+            module.dtype = dtype
+            module.scale = torch.tensor(model.cfg.d_model**0.5, dtype=dtype).item()

@@ -193,3 +193,18 @@ def test_the_head_is_its_own_decision():
     assert weight_layers(model)["blocks.0.attn.q_proj"].weight_format == "int4"
     dense_head = quantize(random_model(), "int4", group_size=16, head="none")
     assert not isinstance(weight_layers(dense_head)["tok_embed"], QuantizedLinear)
+
+
+@torch.no_grad()
+def test_a_saved_model_can_run_its_activations_in_another_dtype(tmp_path):
+    model = quantize(random_model(), "int4", group_size=16)
+    save_quantized(model, tiny_tokenizer(), tmp_path / "saved")
+    loaded, _ = gemma_lite.load(tmp_path / "saved", device="cpu", dtype="bfloat16", progress=False)
+    assert loaded.dtype == torch.bfloat16
+    layer = weight_layers(loaded)["blocks.0.attn.q_proj"]
+    assert layer.scale.dtype == torch.float16  # the stored format is unchanged
+    assert torch.equal(layer.packed, weight_layers(model)["blocks.0.attn.q_proj"].packed)
+    ids = torch.randint(3, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = loaded(ids)
+    assert logits.dtype == torch.bfloat16
+    assert max_abs_diff(logits, model(ids)) < 0.05 * model(ids).abs().max()
