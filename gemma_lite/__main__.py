@@ -125,7 +125,7 @@ def quantized_model(args, quant: str, device, dtype):
     from .quantize import METHODS, quantize
 
     if quant not in ("none", *METHODS):
-        return load(quant, device)
+        return load(quant, device, dtype, progress=False)
     model, tokenizer = load(args.source, device, dtype, progress=False)
     if quant != "none":
         options = {"outlier_threshold": args.outlier_threshold} if args.outlier_threshold else {}
