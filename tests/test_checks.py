@@ -680,3 +680,74 @@ def test_embedding_exercises(capsys):
     fails(
         checks.check_cosine_neighbours(lambda w, t, k: neighbours(w, t, k, cosine=False)), capsys, "normalize"
     )
+
+
+# ---------------------------------------------------------------- chapter 11: quantization
+
+
+def test_pack_int4_check_passes_the_package_layout_and_names_swapped_nibbles(capsys):
+    from gemma_lite.kernels import pack_int4, unpack_int4
+
+    passes(checks.check_pack_int4(pack_int4, unpack_int4), capsys)
+
+    def swapped(codes):
+        half = codes.shape[-1] // 2
+        return (codes[..., half:] | (codes[..., :half] << 4)).to(torch.uint8)
+
+    fails(checks.check_pack_int4(swapped, unpack_int4), capsys, "nibbles are swapped")
+
+    def adjacent(codes):
+        return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+    fails(checks.check_pack_int4(adjacent, unpack_int4), capsys, "adjacent pairs")
+
+
+def test_spqr_bits_check_names_the_missing_term(capsys):
+    def right(bits, group, stat_bits, stat_group, outliers):
+        return bits + 2 * stat_bits / group + 64 / (group * stat_group) + 32 * outliers
+
+    passes(checks.check_spqr_bits(right), capsys)
+
+    def one_statistic(bits, group, stat_bits, stat_group, outliers):
+        return bits + stat_bits / group + 64 / (group * stat_group) + 32 * outliers
+
+    fails(checks.check_spqr_bits(one_statistic), capsys, "a scale and a zero point")
+
+    def no_outliers(bits, group, stat_bits, stat_group, outliers):
+        return bits + 2 * stat_bits / group + 64 / (group * stat_group)
+
+    fails(checks.check_spqr_bits(no_outliers), capsys, "outliers are missing")
+
+
+def test_gptq_column_step_check_names_a_missing_division(capsys):
+    def right(block, u, i, rounded):
+        error = (block[:, i] - rounded) / u[i, i]
+        block[:, i:] -= error[:, None] * u[i, i:][None, :]
+        return error
+
+    passes(checks.check_gptq_column_step(right), capsys)
+
+    def undivided(block, u, i, rounded):
+        error = block[:, i] - rounded
+        block[:, i:] -= error[:, None] * u[i, i:][None, :] / u[i, i]
+        return error
+
+    fails(checks.check_gptq_column_step(undivided), capsys, "divide the rounding error by u[i, i]")
+
+    def after_column_i(block, u, i, rounded):
+        error = (block[:, i] - rounded) / u[i, i]
+        block[:, i + 1 :] -= error[:, None] * u[i, i + 1 :][None, :]
+        return error
+
+    fails(checks.check_gptq_column_step(after_column_i), capsys, "update column i too")
+
+
+def test_leave_one_out_gain_check_names_a_forgotten_hessian_weight(capsys):
+    from gemma_lite.spqr import leave_one_out_gain
+
+    passes(checks.check_leave_one_out_gain(leave_one_out_gain), capsys)
+
+    def unweighted(w, d, bits):
+        return leave_one_out_gain(w, torch.ones_like(d), bits)
+
+    fails(checks.check_leave_one_out_gain(unweighted), capsys, "divide each squared error by d")

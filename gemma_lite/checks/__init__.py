@@ -17,7 +17,7 @@ Learner modules get the reference's (random) weights copied in by parameter
 name, so they must use the same names as ``gemma_lite.layers``.
 
 ``core`` holds the machinery; each chapter's checks live in their own module
-(``ch00_setup`` ... ``ch10_compile``), and this package exports them all. A new
+(``ch00_setup`` ... ``ch11_quantization``), and this package exports them all. A new
 chapter adds a module and lists its checks below.
 """
 
@@ -45,6 +45,12 @@ from .ch07_generation import (
 from .ch08_memory import check_max_context, check_training_state_bytes
 from .ch09_kv_cache import check_greedy_with_cache, check_ring_contents, check_tokens_processed
 from .ch10_compile import capped_attention, check_capped_attention, check_write_kv
+from .ch11_quantization import (
+    check_gptq_column_step,
+    check_leave_one_out_gain,
+    check_pack_int4,
+    check_spqr_bits,
+)
 from .core import FAIL, PASS, TODO, CheckResult, Mismatch
 
 __all__ = [
@@ -69,13 +75,16 @@ __all__ = [
     "check_gelu_tanh",
     "check_geglu",
     "check_generate",
+    "check_gptq_column_step",
     "check_greedy_with_cache",
     "check_grouped_attention",
     "check_kv_cache_bytes",
+    "check_leave_one_out_gain",
     "check_logit_lens",
     "check_max_context",
     "check_min_p",
     "check_model",
+    "check_pack_int4",
     "check_parameter_count",
     "check_pick_device",
     "check_pieces_to_text",
@@ -88,6 +97,7 @@ __all__ = [
     "check_sampling",
     "check_sequence_logprob",
     "check_sliding_window_mask",
+    "check_spqr_bits",
     "check_tokens_processed",
     "check_training_state_bytes",
     "check_wavelengths",
