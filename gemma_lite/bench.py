@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .devices import dtype_name
-from .fast import DecodePlan, time_calls
+from .fast import DecodePlan, kernel_layers, time_calls
 from .generate import Generator
 from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
 from .quantize import quant_scheme
@@ -83,6 +83,20 @@ def machine_name(device: torch.device | str = "cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def decode_read_bytes(model) -> int:
+    """Bytes a decode step reads: each weight matrix's tensors as its kernels take them, and every
+    other parameter and buffer (norms) once; stored forms the kernels do not read are left out."""
+    tensors = {}
+    owned = set()
+    for layer in kernel_layers(model):
+        owned.update(id(t) for t in (*layer.parameters(), *layer.buffers()))
+        tensors.update({id(t): t for t in layer.stored()})
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in owned:
+            tensors.setdefault(id(t), t)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s) -> BenchRow:
     device = model.device
     return BenchRow(
@@ -97,7 +111,7 @@ def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s) -
         torch=torch.__version__,
         machine=machine_name(device),
         quant=quant_scheme(model),
-        bytes_per_token=stored_bytes(model),
+        bytes_per_token=decode_read_bytes(model),
         read_gb_s=round(read_gb_s, 1),
     )
 

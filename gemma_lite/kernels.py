@@ -11,8 +11,8 @@ dense       weight (O, I), fp32/bf16/fp16         ``F.linear(x, weight)``
 int8        q (O, I) int8, scale (O,)             ``F.linear(x, q * scale[:, None])``
 int4, int3  packed (O, I/G, G/2 or 3G/8) uint8,   ``F.linear(x, dequantize(...))``
             scale and offset (O, I/G) per group
-spqr3/4     int3/int4 as above, plus outliers as  the grouped product plus the sparse one
-            (row, column, value) triples
+spqr3/4     decoded to int4's layout, plus        the grouped product plus the sparse one
+            corrections in CSR (ptr, row, col, value)
 ==========  ====================================  ==================================
 
 A grouped weight is ``code * scale + offset`` of its group of G consecutive
@@ -24,17 +24,20 @@ The "reduce" kernels write the product as an elementwise multiply and a sum,
 ``(x[:, None, :] * w).sum(-1)``. Run eagerly that would build an (N, O, I)
 tensor, so they are only used inside ``torch.compile``, which turns them into
 one loop that reads each weight byte once and never stores the dequantized
-matrix: on a 2-core CPU that streams int8 and int4 weights at the memory's
-read bandwidth, where the library kernels are slower or do not exist.
+matrix: on a 2-core CPU that streams int8 weights at the memory's read
+bandwidth, where the library kernels are slower. Grouped codes defeat it (it
+sums each small group across a vector's lanes); their "native" kernel is
+written by hand in C++ (``native.py``), for CPUs with AVX2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 FORMATS = ("dense", "int8", "int4", "int3", "spqr3", "spqr4")
 Kernel = Callable[..., torch.Tensor]
@@ -240,7 +243,17 @@ def int3_reduce(x, packed, scale, offset):
     return grouped_reduce(x, packed, scale, offset, bits=3)
 
 
-# ------ spqr: int3 codes in groups plus a sparse table of corrections (outlier rows, columns, values)
+def int4_native(x, packed, scale, offset):
+    """One row through the hand-written AVX2 kernel (``native.py``), groups of 16+. (1, I) -> (1, O)."""
+    if packed.shape[-1] % 8:  # groups of 8: the kernel's vectors do not fit
+        return int4_linear(x, packed, scale, offset)
+    none = packed.new_empty(0)
+    return native.grouped_gemv(x[0].float(), packed, scale, offset, none, none, none)[None].to(x.dtype)
+
+
+# ------ spqr: codes in groups plus a sparse table of corrections. Decoded for speed into int4's
+# layout (3-bit codes widened to nibbles, statistics to fp16) with the corrections in CSR:
+# ptr (O + 1,) int32, and per correction its row (int32), column (int16) and value (fp16).
 
 
 def sparse_product(
@@ -251,26 +264,35 @@ def sparse_product(
     return x.new_zeros(x.shape[0], out_features, dtype=torch.float32).index_add_(1, rows, contributions)
 
 
-def spqr_linear(x, packed, scale, offset, rows, cols, values, bits: int):
-    """The grouped product plus the outliers' corrections. (N, I) -> (N, O)."""
-    dense = grouped_linear(x, packed, scale, offset, bits)
+def spqr_linear(x, packed, scale, offset, ptr, rows, cols, values):
+    """The grouped product plus the corrections. (N, I) -> (N, O)."""
+    dense = grouped_linear(x, packed, scale, offset, bits=4)
     return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
 
 
-def spqr_reduce(x, packed, scale, offset, rows, cols, values, bits: int):
+def spqr_reduce(x, packed, scale, offset, ptr, rows, cols, values):
     """The same with the grouped part as a compiled reduction."""
-    dense = grouped_reduce(x, packed, scale, offset, bits)
+    dense = grouped_reduce(x, packed, scale, offset, bits=4)
     return (dense.float() + sparse_product(x, rows, cols, values, packed.shape[0])).to(x.dtype)
 
+
+def spqr_native(x, packed, scale, offset, ptr, rows, cols, values):
+    """Codes and corrections in one pass of the AVX2 kernel. (1, I) -> (1, O)."""
+    if packed.shape[-1] % 8:
+        return spqr_linear(x, packed, scale, offset, ptr, rows, cols, values)
+    return native.grouped_gemv(x[0].float(), packed, scale, offset, ptr, cols, values)[None].to(x.dtype)
+
+
+SPQR_KERNELS = {"linear": spqr_linear, "reduce": spqr_reduce, "native": spqr_native}
 
 # Every kernel of a format, by name; the first is the plain computation.
 KERNELS: dict[str, dict[str, Kernel]] = {
     "dense": {"linear": dense_linear, "gemv": dense_gemv, "reduce": dense_reduce},
     "int8": {"linear": int8_linear, "reduce": int8_reduce, "packed_mm": int8_packed_mm},
-    "int4": {"linear": int4_linear, "reduce": int4_reduce},
+    "int4": {"linear": int4_linear, "reduce": int4_reduce, "native": int4_native},
     "int3": {"linear": int3_linear, "reduce": int3_reduce},
-    "spqr3": {"linear": partial(spqr_linear, bits=3), "reduce": partial(spqr_reduce, bits=3)},
-    "spqr4": {"linear": partial(spqr_linear, bits=4), "reduce": partial(spqr_reduce, bits=4)},
+    "spqr3": SPQR_KERNELS,
+    "spqr4": SPQR_KERNELS,
 }
 
 # Kernels that build an (N, O, I) temporary when run eagerly: compiled use only.
@@ -287,6 +309,8 @@ def usable(fmt: str, name: str, dtype: torch.dtype, device: torch.device, compil
         return device.type == "cpu"  # elsewhere the library's own F.linear is the right call
     if name == "packed_mm":
         return device.type == "cpu"
+    if name == "native":
+        return device.type == "cpu" and native.available()
     return True
 
 

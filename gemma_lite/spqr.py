@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .gptq import GroupFit, Rounded
-from .kernels import dequantize_groups, pack_codes
+from .kernels import dequantize_groups, pack_codes, pack_int4, unpack_codes
 from .quantize import QuantizedLinear, encode, minmax_grid
 
 
@@ -47,6 +47,12 @@ class StatisticsGrid:
     def decoded(self) -> torch.Tensor:  # (O,)
         group = self.codes.numel() // self.step.numel()
         return (self.codes.view(-1, group) * self.step[:, None] + self.start[:, None]).view(-1)[: self.size]
+
+
+def first_level_halves(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded statistics -> the groups' scale and offset (-zero * scale), rounded to fp16 as the
+    grouped kernels read them (values returned in fp32)."""
+    return scale.half().float(), (-zero * scale).half().float()
 
 
 def grid_error(w, d, scale, offset, bits: int) -> torch.Tensor:
@@ -97,8 +103,7 @@ class SpQRFit(GroupFit):
         first_scale = torch.maximum((high - low) / (2**bits - 1), reach).clamp(min=2**-14)
         self.scales = StatisticsGrid(first_scale, stat_bits, stat_group)
         self.zeros = StatisticsGrid(-low / first_scale, stat_bits, stat_group)
-        self.scale = self.scales.decoded()
-        self.offset = -self.zeros.decoded() * self.scale
+        self.scale, self.offset = first_level_halves(self.scales.decoded(), self.zeros.decoded())
 
 
 class SpQRLinear(QuantizedLinear):
@@ -110,8 +115,10 @@ class SpQRLinear(QuantizedLinear):
     (nnz,) int16, outlier_values (nnz,) fp16 (CSR); ``perm`` the column order.
     The weight at (r, c) is code * scale + offset of its group, plus its
     correction if (r, c) is an outlier.
-    """
 
+    Decoded once for the decode kernels (not saved): ``nibbles`` (O, I/G, G/2),
+    the codes in int4's layout, and ``group_scale``, ``group_offset`` (O, I/G) fp16.
+    """
 
     def __init__(self, rounded: Rounded, bits: int, group_size: int, stat_bits: int, stat_group: int):
         out_features, in_features = rounded.codes.shape
@@ -168,9 +175,18 @@ class SpQRLinear(QuantizedLinear):
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
         self.register_buffer("outlier_rows", rows.to(torch.int32), persistent=False)
         self.max_row_outliers = int(counts.max()) if counts.numel() else 0
+        # the layout the decode kernels read: codes as nibbles (int4's), statistics in fp16
+        nibbles = self.packed if self.bits == 4 else pack_int4(unpack_codes(self.packed, self.bits))
+        self.register_buffer("nibbles", nibbles, persistent=False)
+        scale, offset = self.first_level()
+        self.register_buffer("group_scale", scale.half().contiguous(), persistent=False)
+        self.register_buffer("group_offset", offset.half().contiguous(), persistent=False)
 
     def first_level(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The groups' scale and offset (O, I/G) fp32, decoded from their 3-bit codes (of ``rows`` (n,))."""
+        """The groups' scale and offset (O, I/G), decoded from their 3-bit codes (of ``rows`` (n,)).
+
+        fp32 values, rounded to fp16 (``first_level_halves``).
+        """
 
         def decode(name):
             codes, grid = getattr(self, f"{name}_codes"), getattr(self, f"{name}_grid")
@@ -182,12 +198,18 @@ class SpQRLinear(QuantizedLinear):
             values = values.view(values.shape[0], -1, self.stat_group)
             return values[:, torch.arange(rows.numel(), device=rows.device), rows % self.stat_group].T
 
-        scale = decode("scale")
-        return scale, -decode("zero") * scale
+        return first_level_halves(decode("scale"), decode("zero"))
 
     def stored(self):
-        scale, offset = self.first_level()
-        return self.packed, scale, offset, self.outlier_rows, self.outlier_cols, self.outlier_values
+        return (
+            self.nibbles,
+            self.group_scale,
+            self.group_offset,
+            self.outlier_ptr,
+            self.outlier_rows,
+            self.outlier_cols,
+            self.outlier_values,
+        )
 
     def stored_weight(self, rows=None):
         if rows is None:

@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from helpers import max_abs_diff
 
+from gemma_lite import native
 from gemma_lite.gptq import gptq
 from gemma_lite.kernels import (
     BF16_ACTIVATIONS,
     COMPILED_ONLY,
     KERNELS,
     dequantize_groups,
+    grouped_linear,
     in_row_blocks,
+    int4_native,
     matmul,
     pack_int3,
     pack_int4,
@@ -66,6 +69,8 @@ def cases():
 @pytest.mark.parametrize("fmt, name, dtype", list(cases()))
 def test_every_kernel_agrees_with_the_plain_computation(fmt, name, dtype):
     compiled = name in COMPILED_ONLY
+    if name == "native" and not native.available():
+        pytest.skip("the AVX2 kernel cannot be built here (no AVX2 or no C++ compiler)")
     assert usable(fmt, name, dtype, torch.device("cpu"), compiled)
     kernel = torch.compile(KERNELS[fmt][name], dynamic=False) if compiled else KERNELS[fmt][name]
     for out_features, in_features in SHAPES:
@@ -127,3 +132,25 @@ def test_longer_inputs_take_the_plain_kernel():
     x = torch.randn(2, 3, 4)  # prefill-like: 6 rows; "gemv" handles one row only
     assert torch.allclose(matmul("dense", "gemv", x, weight), x @ weight.t(), atol=1e-6)
     assert matmul("dense", "gemv", x[:1, :1], weight).shape == (1, 1, 6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group_size", [16, 32, 64, 8])
+def test_the_native_kernel_handles_every_group_size_and_falls_back_below_16(group_size):
+    if not native.available():
+        pytest.skip("the AVX2 kernel cannot be built here (no AVX2 or no C++ compiler)")
+    gen = torch.Generator().manual_seed(group_size)
+    layer = GroupLinear.round_to_nearest(torch.randn(300, 640, generator=gen), 4, group_size)
+    x = torch.randn(1, 640, generator=gen)
+    expected = grouped_linear(x, *layer.stored(), bits=4)
+    got = int4_native(x, *layer.stored())
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_the_native_kernel_names_a_wrong_input():
+    if not native.available():
+        pytest.skip("the AVX2 kernel cannot be built here (no AVX2 or no C++ compiler)")
+    layer = GroupLinear.round_to_nearest(torch.randn(32, 64), 4, 16)
+    none = torch.empty(0, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="x has 32 entries, the matrix 64"):
+        native.grouped_gemv(torch.randn(32), *layer.stored(), none, none, none)
