@@ -244,11 +244,9 @@ def int3_reduce(x, packed, scale, offset):
 
 
 def int4_native(x, packed, scale, offset):
-    """One row through the hand-written AVX2 kernel (``native.py``), groups of 16+. (1, I) -> (1, O)."""
-    if packed.shape[-1] % 8:  # groups of 8: the kernel's vectors do not fit
-        return int4_linear(x, packed, scale, offset)
-    none = packed.new_empty(0)
-    return native.grouped_gemv(x[0].float(), packed, scale, offset, none, none, none)[None].to(x.dtype)
+    """One row through the hand-written AVX2 kernel (``native.py``), no corrections. (1, I) -> (1, O)."""
+    none = torch.empty(0, dtype=torch.int32, device=packed.device)
+    return spqr_native(x, packed, scale, offset, none, none, none, none)
 
 
 # ------ spqr: codes in groups plus a sparse table of corrections. Decoded for speed into int4's
@@ -277,8 +275,9 @@ def spqr_reduce(x, packed, scale, offset, ptr, rows, cols, values):
 
 
 def spqr_native(x, packed, scale, offset, ptr, rows, cols, values):
-    """Codes and corrections in one pass of the AVX2 kernel. (1, I) -> (1, O)."""
-    if packed.shape[-1] % 8:
+    """Codes and corrections in one pass of the AVX2 kernel (groups of 16+; an empty ``ptr``: no
+    corrections). (1, I) -> (1, O)."""
+    if packed.shape[-1] % 8:  # groups of 8: the kernel's vectors do not fit
         return spqr_linear(x, packed, scale, offset, ptr, rows, cols, values)
     return native.grouped_gemv(x[0].float(), packed, scale, offset, ptr, cols, values)[None].to(x.dtype)
 

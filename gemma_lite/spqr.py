@@ -182,21 +182,16 @@ class SpQRLinear(QuantizedLinear):
         self.register_buffer("group_scale", scale.half().contiguous(), persistent=False)
         self.register_buffer("group_offset", offset.half().contiguous(), persistent=False)
 
-    def first_level(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The groups' scale and offset (O, I/G), decoded from their 3-bit codes (of ``rows`` (n,)).
+    def first_level(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The groups' scale and offset (O, I/G), decoded from their 3-bit codes.
 
         fp32 values, rounded to fp16 (``first_level_halves``).
         """
 
         def decode(name):
             codes, grid = getattr(self, f"{name}_codes"), getattr(self, f"{name}_grid")
-            if rows is not None:  # only the row groups holding ``rows``
-                codes, grid = codes[:, rows // self.stat_group], grid[:, rows // self.stat_group]
-            values = dequantize_groups(codes, grid[..., 0], grid[..., 1], self.stat_bits)  # (I/G, n*S)
-            if rows is None:
-                return values[:, : self.out_features].T  # (O, I/G)
-            values = values.view(values.shape[0], -1, self.stat_group)
-            return values[:, torch.arange(rows.numel(), device=rows.device), rows % self.stat_group].T
+            values = dequantize_groups(codes, grid[..., 0], grid[..., 1], self.stat_bits)  # (I/G, O/S*S)
+            return values[:, : self.out_features].T  # (O, I/G)
 
         return first_level_halves(decode("scale"), decode("zero"))
 
@@ -213,13 +208,13 @@ class SpQRLinear(QuantizedLinear):
 
     def stored_weight(self, rows=None):
         if rows is None:
-            weight = dequantize_groups(self.packed, *self.first_level(), self.bits)
+            weight = dequantize_groups(self.nibbles, self.group_scale, self.group_offset, 4)
             rows_all = self.outlier_rows.long()
             return weight.index_put_(
                 (rows_all, self.outlier_cols.long()), self.outlier_values.float(), accumulate=True
             )
         flat = rows.reshape(-1)
-        weight = dequantize_groups(self.packed[flat], *self.first_level(flat), self.bits)  # (n, I)
+        weight = dequantize_groups(self.nibbles[flat], self.group_scale[flat], self.group_offset[flat], 4)
         if self.max_row_outliers:  # each row's outliers: at most max_row_outliers, read from the CSR
             start = self.outlier_ptr[flat].long()
             count = self.outlier_ptr[flat + 1].long() - start

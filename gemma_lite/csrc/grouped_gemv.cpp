@@ -8,9 +8,9 @@
 //
 // packed (O, I/G, G/2) uint8: byte j of a group holds code j in its low nibble
 // and code j + G/2 in its high one (kernels.pack_int4). scale, offset (O, I/G)
-// fp16. Rows are shared among the OpenMP threads. A group's codes are multiplied by x in 8-wide fp32 vectors, and the
-// group's dot product is scaled into the row's vector accumulator: the only
-// horizontal sum is one per row.
+// fp16. Rows are shared among the OpenMP threads. A group's codes are
+// multiplied by x in 8-wide fp32 vectors, and the group's dot product is scaled
+// into the row's vector accumulator: the only horizontal sum is one per row.
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -38,7 +38,7 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(r);
 }
 
-// fp16 (n,) -> fp32, 8 at a time; n is padded up to a multiple of 8 by the caller's buffer.
+// fp16 (n,) -> fp32, 8 at a time, the last n % 8 one by one.
 inline void halves_to_floats(const at::Half* in, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
