@@ -1,8 +1,9 @@
-"""Command line: ``python -m gemma_lite {generate,bench,memory,fetch} ...``."""
+"""Command line: ``python -m gemma_lite {generate,bench,eval,distill,memory,fetch} ...``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -19,10 +20,32 @@ def cmd_generate(args) -> int:
     from .generate import Generator, Sampling
 
     Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # fail before loading
+    if args.speculative:
+        for name in ("draft_len", "width"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
+        if args.drafter and not os.path.isfile(args.drafter):
+            raise FileNotFoundError(
+                f"no draft head at {args.drafter}: train one with `python -m gemma_lite distill`"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.source, args.device, args.dtype, progress=not args.quiet)
-    gen = Generator(model, tokenizer, use_cache=not args.no_cache, compile=args.compile)
+    if args.speculative:
+        from .speculative import SpeculativeGenerator, drafter_named
+
+        if args.no_cache:
+            raise ValueError("--speculative needs the KV cache: drop --no-cache")
+        gen = SpeculativeGenerator(
+            model,
+            tokenizer,
+            drafter_named(args.speculative, model, args.drafter),
+            draft_len=args.draft_len,
+            width=args.width,
+            compile=args.compile,
+        )
+    else:
+        gen = Generator(model, tokenizer, use_cache=not args.no_cache, compile=args.compile)
     stream = (lambda piece: print(piece, end="", flush=True)) if args.stream else None
     if args.stream:
         print(args.prompt, end="", flush=True)
@@ -41,24 +64,61 @@ def cmd_generate(args) -> int:
     if not args.quiet:
         print(
             f"[{result.new_tokens} tokens, prefill {result.prefill_s:.2f}s, "
-            f"decode {result.decode_tok_s:.1f} tok/s]",
+            f"decode {result.decode_tok_s:.1f} tok/s"
+            + (f", {result.stats.mean_accepted:.2f} tokens per round" if args.speculative else "")
+            + "]",
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import torch
+
+    from . import load
+    from .bench import machine_name
+    from .distill import distill
+
+    for name in ("texts", "length", "vocab", "steps", "draft_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    model, tokenizer = load(args.source, args.device, args.dtype, progress=False)
+    model.requires_grad_(False)
+    head, history, held_out = distill(
+        model, tokenizer, args.texts, args.length, args.vocab, args.steps, args.draft_len, args.seed
+    )
+    kl, agree = (sum(v) / len(v) for v in zip(*history[-50:], strict=True))
+    meta = {
+        "texts": str(args.texts),
+        "length": str(args.length),
+        "steps": str(args.steps),
+        "draft_len": str(args.draft_len),
+        "final_kl": f"{kl:.4f}",
+        "held_out_agreement": " ".join(f"{a:.4f}" for a in held_out),
+        "machine": machine_name(model.device),
+        "torch": torch.__version__,
+    }
+    head.save(args.out, meta)
+    ahead = ", ".join(f"{k + 1} ahead {a:.0%}" for k, a in enumerate(held_out))
+    print(
+        f"draft head ({len(head.vocab)} tokens) saved to {args.out}: KL {kl:.3f} (last 50 steps); "
+        f"held-out texts, the head's top token is the model's: {ahead}"
+    )
     return 0
 
 
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import MODES, format_table, profile_decode, run_benchmark, write_json
+    from .bench import MODES, SPEC_MODES, format_table, profile_decode, run_benchmark, write_json
     from .devices import dtype_name, resolve_device, resolve_dtype
     from .fast import optimize_for_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = set(args.modes) - set(MODES)
+    unknown = set(args.modes) - set(MODES + SPEC_MODES)
     if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES + SPEC_MODES)}")
     for quant in args.quant:
         check_quant_arg(quant)
     device = resolve_device(args.device)
@@ -68,7 +128,9 @@ def cmd_bench(args) -> int:
     def model_for(dtype, quant="none"):
         model, tokenizer = quantized_model(args, quant, device, dtype)
         print(f"measuring decode kernels for {quant} {dtype_name(dtype)} ...", file=sys.stderr, flush=True)
-        plans[(quant, dtype_name(dtype))] = optimize_for_decode(model, compiled="kv-compiled" in args.modes)
+        compiled = bool({"kv-compiled", *SPEC_MODES} & set(args.modes))
+        speculative = bool(set(SPEC_MODES) & set(args.modes))  # every mode then gets the head they need
+        plans[(quant, dtype_name(dtype))] = optimize_for_decode(model, compiled, row_major_head=speculative)
         return model, tokenizer
 
     def show(row):
@@ -95,6 +157,8 @@ def cmd_bench(args) -> int:
         args.prompt,
         on_row=show,
         quants=args.quant,
+        draft_len=args.draft_len,
+        width=args.width,
     )
     print(format_table(rows))
     if args.kernels:
@@ -164,8 +228,13 @@ def cmd_eval(args) -> int:
     text = Path(args.text).read_text() if args.text else None
     windows = heldout_windows(tokenizer, args.window, text)
     reference_ppl, reference_top1 = next_token_scores(model, windows)
-    report = {"reference_perplexity": reference_ppl, "tokens": windows.numel(), "quant": args.quant or "none",
-              "machine": machine_name(device), "torch": torch.__version__}
+    report = {
+        "reference_perplexity": reference_ppl,
+        "tokens": windows.numel(),
+        "quant": args.quant or "none",
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+    }
     if args.quant:
         del model
         started = time.perf_counter()
@@ -238,6 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     g.add_argument("--threads", type=int, default=None)
+    g.add_argument(
+        "--speculative",
+        choices=["lookup", "redrafter"],
+        default=None,
+        help="draft-and-verify decoding with this drafter (same text as without)",
+    )
+    g.add_argument("--draft-len", type=int, default=4, help="--speculative: tokens drafted per round")
+    g.add_argument("--width", type=int, default=1, help="--speculative: candidates per round (a tree)")
+    g.add_argument(
+        "--drafter",
+        default=None,
+        metavar="PATH",
+        help="--speculative redrafter: a head saved by distill (default: the bundled one)",
+    )
     g.add_argument("--quiet", "-q", action="store_true")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
@@ -258,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         help="none, int8, int4, int3, gptq, spqr, or a directory saved by eval --save",
     )
     _add_quant_args(b)
+    b.add_argument("--draft-len", type=int, default=4, help="spec-* modes: tokens drafted per round")
+    b.add_argument("--width", type=int, default=1, help="spec-* modes: candidates per round (a tree)")
     b.add_argument("--kernels", action="store_true", help="also print the measured kernel speeds")
     b.add_argument("--profile", action="store_true", help="where a compiled decode step spends its time")
     _add_model_args(b)
@@ -274,6 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
     e.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("distill", help="train the recurrent draft head on the model's own texts")
+    _add_model_args(d)
+    d.add_argument("--texts", type=int, default=512, help="texts the model writes")
+    d.add_argument("--length", type=int, default=96, help="greedy tokens per text")
+    d.add_argument("--vocab", type=int, default=4096, help="tokens the head can propose")
+    d.add_argument("--steps", type=int, default=1500, help="training steps (batches of 256 positions)")
+    d.add_argument("--draft-len", type=int, default=5, help="steps ahead the head is trained for")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="redrafter.safetensors", help="where to save the head")
+    d.set_defaults(func=cmd_distill)
 
     m = sub.add_parser("memory", help="predicted memory: parameters, inference, training, KV cache")
     m.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

@@ -7,6 +7,8 @@ regular            no cache: every step re-runs the whole sequence (eager)
 regular-compiled   the same, with ``torch.compile`` (dynamic sequence length)
 kv                 static KV cache: prefill once, then one token per step
 kv-compiled        KV cache + compiled one-token decode step (fixed shapes)
+spec-lookup        speculative decoding, prompt-lookup drafts, compiled verification
+spec-redrafter     speculative decoding, the recurrent draft head, compiled verification
 =================  ========================================================
 
 ``--compare-hf`` adds HF transformers' ``generate`` on the same weights
@@ -34,8 +36,10 @@ from .fast import DecodePlan, kernel_layers, time_calls
 from .generate import Generator
 from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
 from .quantize import quant_scheme
+from .speculative import SpeculativeGenerator, drafter_named
 
 MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
+SPEC_MODES = ("spec-lookup", "spec-redrafter")
 HF_MODES = ("hf-dynamic", "hf-static-compiled")
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -55,6 +59,7 @@ class BenchRow:
     quant: str = "none"  # weight format: none (the dtype), int8, int4
     bytes_per_token: int = 0  # weight bytes a decode step reads: every stored weight once
     read_gb_s: float = float("nan")  # the device's measured read bandwidth (``measure.read_bandwidth``)
+    tokens_per_round: float = 0.0  # speculative modes: tokens a draft-and-verify round adds (0: other modes)
 
     @property
     def roofline_tok_s(self) -> float:
@@ -97,7 +102,7 @@ def decode_read_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s) -> BenchRow:
+def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s, per_round=0.0) -> BenchRow:
     device = model.device
     return BenchRow(
         mode=mode,
@@ -113,7 +118,18 @@ def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s) -
         quant=quant_scheme(model),
         bytes_per_token=decode_read_bytes(model),
         read_gb_s=round(read_gb_s, 1),
+        tokens_per_round=round(per_round, 2),
     )
+
+
+def make_generator(model, tokenizer, mode: str, draft_len: int = 4, width: int = 1) -> Generator:
+    """The generator that runs ``mode`` (one of MODES or SPEC_MODES)."""
+    if mode in SPEC_MODES:
+        drafter = drafter_named(mode.removeprefix("spec-"), model)
+        return SpeculativeGenerator(model, tokenizer, drafter, draft_len=draft_len, width=width, compile=True)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES + SPEC_MODES)}")
+    return Generator(model, tokenizer, use_cache=mode.startswith("kv"), compile=mode.endswith("compiled"))
 
 
 def bench_ours(
@@ -125,17 +141,18 @@ def bench_ours(
     runs: int = 3,
     generators: dict | None = None,
     read_gb_s: float = float("nan"),
+    draft_len: int = 4,
+    width: int = 1,
 ) -> BenchRow:
-    """Time one of MODES. ``generators`` keeps compiled generators between calls.
+    """Time one of MODES or SPEC_MODES. ``generators`` keeps compiled generators between calls.
 
     ``read_gb_s``: the device's read bandwidth, for the roofline columns.
+    ``draft_len``, ``width``: the speculative modes' tokens per candidate and candidates per round.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES)}")
     generators = {} if generators is None else generators
-    gen = generators.setdefault(
-        mode, Generator(model, tokenizer, use_cache=mode.startswith("kv"), compile=mode.endswith("compiled"))
-    )
+    if mode not in generators:
+        generators[mode] = make_generator(model, tokenizer, mode, draft_len, width)
+    gen = generators[mode]
     with PeakMemory(model.device) as mem:
         # warm-up (compiles on first use); with a cache, the same length gives the same cache shape
         warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
@@ -144,7 +161,88 @@ def bench_ours(
     prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
     compile_s = sum(r.compile_s for r in (warm, *results))  # the warm-up compiles (0 once compiled)
     peak = stored_bytes(model) + mem.growth
-    return _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s)
+    per_round = statistics.median(r.stats.mean_accepted for r in results) if mode in SPEC_MODES else 0.0
+    return _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s, per_round)
+
+
+def speculative_sweep(
+    model,
+    tokenizer,
+    prompts: dict[str, str],
+    drafters: dict,
+    draft_lens: Sequence[int] = (1, 2, 4, 6),
+    widths: Sequence[int] = (1,),
+    new_tokens: int = 64,
+    compile: bool = False,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Speculative greedy decoding for every (prompt, drafter, draft length, width): one dict each.
+
+    Keys: prompt, drafter, draft_len, width, tokens_per_round, verified_per_round (tree
+    nodes the model ran), beam_tokens_per_round (the same candidates run separately),
+    decode_tok_s, and the share of decode time spent drafting, verifying and on the rest.
+    """
+    rows = []
+    for prompt_name, prompt in prompts.items():
+        for drafter_name, drafter in drafters.items():
+            for draft_len in draft_lens:
+                for width in widths:
+                    gen = SpeculativeGenerator(
+                        model, tokenizer, drafter, draft_len=draft_len, width=width, compile=compile
+                    )
+                    if compile:
+                        gen(prompt, new_tokens, stop_at_eos=False)  # compile this tree size first
+                    out = gen(prompt, new_tokens, stop_at_eos=False)
+                    stats = out.stats
+                    row = dict(
+                        prompt=prompt_name,
+                        drafter=drafter_name,
+                        draft_len=draft_len,
+                        width=width,
+                        compiled=compile,
+                        tokens_per_round=round(stats.mean_accepted, 3),
+                        verified_per_round=round(stats.verified / stats.rounds, 3),
+                        beam_tokens_per_round=round(stats.beam_tokens / stats.rounds, 3),
+                        decode_tok_s=round(out.decode_tok_s, 2),
+                        draft_share=round(stats.draft_s / stats.total_s, 4),
+                        verify_share=round(stats.verify_s / stats.total_s, 4),
+                        other_share=round(stats.other_s / stats.total_s, 4),
+                        machine=machine_name(model.device),
+                        torch=torch.__version__,
+                    )
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+    return rows
+
+
+def speculative_report(model, tokenizer, prompts: dict[str, str], new_tokens: int = 96, on_row=None) -> dict:
+    """What chapter 12 plots: kv-compiled and both speculative modes on each prompt (compiled,
+    greedy), sweeps of draft length and width (eager: tokens per round and tokens verified), and
+    where a compiled round's time goes. The model's kernels are measured first."""
+    from .fast import optimize_for_decode
+    from .speculative import PromptLookup, RecurrentDrafter
+
+    optimize_for_decode(model, compiled=True, row_major_head=True)
+    report = {"machine": machine_name(model.device), "torch": torch.__version__, "bench": {}, "sweep": []}
+    for name, prompt in prompts.items():
+        rows = run_benchmark(
+            lambda dtype, quant: (model, tokenizer),
+            ["kv-compiled", *SPEC_MODES],
+            [model.dtype],
+            [new_tokens],
+            runs=1,
+            prompt=prompt,
+            on_row=on_row,
+        )
+        report["bench"][name] = [asdict(r) for r in rows]
+    lookup, head = {"lookup": PromptLookup()}, {"redrafter": RecurrentDrafter.bundled(model)}
+    sweep = report["sweep"]
+    sweep += speculative_sweep(model, tokenizer, prompts, lookup, (1, 2, 4, 6), (1,), 64, on_row=on_row)
+    sweep += speculative_sweep(model, tokenizer, prompts, head, (1, 2, 4, 6), (1, 2, 4), 64, on_row=on_row)
+    both = {**lookup, **head}
+    sweep += speculative_sweep(model, tokenizer, prompts, both, (4,), (1,), 64, compile=True, on_row=on_row)
+    return report
 
 
 def load_hf_reference(dtype: torch.dtype, device: torch.device):
@@ -211,6 +309,8 @@ def run_benchmark(
     on_row: Callable[[BenchRow], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     quants: Sequence[str] = ("none",),
+    draft_len: int = 4,
+    width: int = 1,
 ) -> list[BenchRow]:
     """Every (dtype, quantization, length, mode); ``model_for(dtype, quant)`` gives (model, tokenizer).
 
@@ -240,6 +340,7 @@ def run_benchmark(
                 rows,
                 on_row,
                 should_stop,
+                (draft_len, width),
             ):
                 return rows
             del model, hf_model
@@ -247,7 +348,18 @@ def run_benchmark(
 
 
 def _bench_model(
-    model, tokenizer, hf_model, modes, new_tokens, runs, prompt, read_gb_s, rows, on_row, should_stop
+    model,
+    tokenizer,
+    hf_model,
+    modes,
+    new_tokens,
+    runs,
+    prompt,
+    read_gb_s,
+    rows,
+    on_row,
+    should_stop,
+    speculative=(4, 1),
 ):
     """The rows of one model (and HF's); False if stopped."""
     generators: dict = {}
@@ -259,7 +371,7 @@ def _bench_model(
             row = (
                 bench_hf(hf_model, tokenizer, mode, n, prompt, runs, read_gb_s)
                 if is_hf
-                else bench_ours(model, tokenizer, mode, n, prompt, runs, generators, read_gb_s)
+                else bench_ours(model, tokenizer, mode, n, prompt, runs, generators, read_gb_s, *speculative)
             )
             rows.append(row)
             if on_row is not None:
@@ -318,6 +430,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         f"{'mode':<19}{'weights':<17}{'new tok':>8}{'decode tok/s':>14}{'GB/token':>10}{'roofline':>10}"
         f"{'prefill tok/s':>15}{'compile s':>11}{'peak MB':>9}"
     )
+    per_round = any(r.tokens_per_round > 0 for r in rows)  # a speculative row
+    head += f"{'tok/round':>11}" if per_round else ""
     lines = [head + ("   vs HF best" if hf_best else ""), "-" * (len(head) + (13 if hf_best else 0))]
     for r in rows:
         weights = r.dtype if r.quant == "none" else f"{r.quant} ({r.dtype})"
@@ -326,6 +440,8 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{r.bytes_per_token / 1e9:>10.3f}{r.roofline_share:>10.0%}{r.prefill_tok_s:>15.1f}"
             f"{r.compile_s:>11.1f}{r.peak_mem_bytes / MB:>9.0f}"
         )
+        if per_round:
+            line += f"{r.tokens_per_round:>11.2f}" if r.tokens_per_round > 0 else f"{'-':>11}"
         best = hf_best.get((r.dtype, r.new_tokens))
         if best:
             line += f"{r.decode_tok_s / best:>12.2f}x"

@@ -185,11 +185,15 @@ class DecodePlan:
         return "\n".join(lines)
 
 
-def optimize_for_decode(model: Gemma, compiled: bool = True, rounds: int = 5) -> DecodePlan:
+def optimize_for_decode(
+    model: Gemma, compiled: bool = True, rounds: int = 5, row_major_head: bool = False
+) -> DecodePlan:
     """Measure, then give the model the fastest layout and kernels; returns what was measured.
 
     ``compiled=False`` skips the compiled measurements (they compile each kernel
-    for each shape). On GPUs the library kernels are already right and nothing changes.
+    for each shape). ``row_major_head=True`` keeps the head row-major, the layout
+    that passes over several tokens need (speculative decoding's verification).
+    On GPUs the library kernels are already right and nothing changes.
     """
     if model.device.type != "cpu":
         return DecodePlan(layout_of(model.tok_embed), model.cfg.vocab_size, [])
@@ -198,6 +202,8 @@ def optimize_for_decode(model: Gemma, compiled: bool = True, rounds: int = 5) ->
     others = [layer for layer in kernel_layers(model) if layer is not head]
     timings = [t for run in runs for t in measure_kernels(model, run, rounds, others)]
     layouts = ("row_major", "column_major") if isinstance(head, nn.Embedding) else ("packed",)
+    if row_major_head and layouts[0] == "row_major":
+        layouts = ("row_major",)
     best_speed = {}
     for layout in layouts:
         if layout != "packed":

@@ -270,6 +270,7 @@ class Generator:
             compile_mode = "reduce-overhead"  # CUDA graphs: one launch per decode step
         self.compile_mode = compile_mode
         self._cache: KVCache | None = None
+        self.cache_slack = 0  # extra ring slots of the sliding-window layers (speculative rounds roll back)
         self._compiled_step: Callable | None = None
         self._compiled_forward: Callable | None = None
         self._compiled_shapes: set[tuple] = set()  # shapes the compiled functions have run
@@ -285,7 +286,7 @@ class Generator:
         max_len = min(self.model.cfg.max_seq_len, max(256, 1 << (length - 1).bit_length()))
         cache = self._cache
         if cache is None or cache.max_len != max_len or cache.layers[0].k.shape[0] != batch:
-            self._cache = cache = self.model.new_cache(batch, max_len)
+            self._cache = cache = self.model.new_cache(batch, max_len, slack=self.cache_slack)
         cache.reset()
         return cache
 

@@ -11,6 +11,8 @@ step has the same shapes at every step and compiles once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -39,6 +41,11 @@ class GlobalCache(nn.Module):
 
     def rollback(self, length: int) -> None:
         """Forget positions >= length. Nothing to do: the causal mask hides them."""
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the keys and values of positions src (n,) to positions dst (n,)."""
+        self.k.index_copy_(2, dst, self.k.index_select(2, src))
+        self.v.index_copy_(2, dst, self.v.index_select(2, src))
 
 
 class RingCache(nn.Module):
@@ -94,6 +101,11 @@ class RingCache(nn.Module):
         """Empty the slots holding positions >= length."""
         self.slot_pos.masked_fill_(self.slot_pos >= length, -1)
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the keys and values of positions src (n,) to positions dst (n,)."""
+        k, v = self.k.index_select(2, src % self.size), self.v.index_select(2, src % self.size)
+        self._write(k, v, dst)
+
 
 class KVCache(nn.Module):
     """One cache per layer: ``GlobalCache`` for global layers, ``RingCache`` for local ones.
@@ -130,6 +142,20 @@ class KVCache(nn.Module):
         """Keep positions < length, so that decoding can resume at ``length``."""
         for layer in self.layers:
             layer.rollback(length)
+
+    def keep(self, start: int, nodes: Sequence[int]) -> None:
+        """After a forward pass wrote a token tree at slots start, start + 1, ...: keep the
+        tree tokens ``nodes`` (a path from the root, in order) as positions start,
+        start + 1, ... and forget every other new token. ``nodes`` = 0, 1, ..., n - 1
+        (a chain) moves nothing: it is ``rollback(start + n)``.
+        """
+        moved = [(start + node, start + i) for i, node in enumerate(nodes) if node != i]
+        if moved:
+            device = self.layers[0].k.device
+            src, dst = torch.tensor(moved, device=device).unbind(1)
+            for layer in self.layers:
+                layer.move(src, dst)
+        self.rollback(start + len(nodes))
 
     def reset(self) -> None:
         self.rollback(0)

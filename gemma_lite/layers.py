@@ -8,6 +8,7 @@ F feed-forward width (2048).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,20 +150,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+@dataclass
+class TokenTree:
+    """T new tokens that form a tree instead of a sequence (speculative decoding).
+
+    Token i hangs below its parent; ``depth[i]`` is its distance from the root
+    (token 0, depth 0), so its position in the text is ``start + depth[i]``
+    where ``start`` is the first new slot. ``ancestors[i, j]`` is True when
+    token j is token i itself or lies on its path to the root: token i attends
+    to the cached context and to those tokens only. A chain (0 -> 1 -> 2 ...)
+    is the ordinary causal case.
+    """
+
+    depth: torch.Tensor  # (T,) int64
+    ancestors: torch.Tensor  # (T, T) bool
+
+    @property
+    def size(self) -> int:
+        return self.depth.shape[0]
+
+
 def attention_mask(
     query_pos: torch.Tensor,
     key_pos: torch.Tensor,
     window: int | None = None,
     valid_from: torch.Tensor | None = None,
+    tree: TokenTree | None = None,
 ) -> torch.Tensor:
     """Which keys each query may attend to: True = attend.
 
     query_pos (T,), key_pos (S,) absolute positions; a key position below 0
     marks an empty cache slot. ``window``: sliding window (a query sees keys
     less than ``window`` positions back). ``valid_from`` (B,): the first real
-    (non-padding) position of each row in a left-padded batch.
+    (non-padding) position of each row in a left-padded batch. ``tree``: the
+    new tokens, stored at slots ``query_pos``, form a tree (``tree_mask``).
     Returns (1 or B, 1, T, S).
     """
+    if tree is not None:
+        return tree_mask(query_pos, key_pos, tree, window)
     q = query_pos[:, None]  # (T, 1)
     k = key_pos[None, :]  # (1, S)
     allowed = (k <= q) & (k >= 0)  # causal, and only filled slots
@@ -174,6 +199,28 @@ def attention_mask(
         # a padding query keeps its own key so that its (ignored) row stays finite
         allowed = allowed & (real_key | (k == q)[None, None])
     return allowed
+
+
+def tree_mask(
+    slots: torch.Tensor, key_pos: torch.Tensor, tree: TokenTree, window: int | None = None
+) -> torch.Tensor:
+    """The mask of a token tree stored at cache slots ``slots`` = start, start + 1, ... (T,).
+
+    A key at a position below ``start`` is context: every token sees it (within
+    the window, counted from the token's own position start + depth). A key in
+    the new slots is token ``key_pos - start`` of the tree: seen by its
+    descendants only. Later slots hold stale keys: hidden. Returns (1, 1, T, S).
+    """
+    start, T = slots[0], slots.shape[0]
+    q = (start + tree.depth)[:, None]  # (T, 1) positions in the text
+    k = key_pos[None, :]  # (1, S)
+    context = (k >= 0) & (k < start)
+    if window is not None:
+        context = context & (q - k < window)
+    offset = k - start  # (1, S): which tree token a key in the new slots is
+    in_tree = (offset >= 0) & (offset < T)
+    seen = torch.gather(tree.ancestors, 1, offset.clamp(0, T - 1).expand(T, -1))  # (T, S)
+    return (context | (in_tree & seen))[None, None]
 
 
 def one_query_attention(
@@ -218,6 +265,7 @@ class Attention(nn.Module):
         cache=None,  # a kv_cache layer cache, or None to attend within x only
         valid_from: torch.Tensor | None = None,  # (B,)
         masks: dict[str, torch.Tensor] | None = None,  # shared by the layers of one pass: see below
+        tree: TokenTree | None = None,  # the new tokens form a tree (rope already at their depths)
     ) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -238,7 +286,7 @@ class Attention(nn.Module):
         kind = "local" if self.window is not None else "global"
         mask = None if masks is None else masks.get(kind)
         if mask is None:  # built once per kind: every layer of a kind attends to the same key positions
-            mask = attention_mask(input_pos, key_pos, self.window, valid_from)  # (B|1, 1, T, S)
+            mask = attention_mask(input_pos, key_pos, self.window, valid_from, tree)  # (B|1, 1, T, S)
             mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
             if masks is not None:
                 masks[kind] = mask
@@ -281,6 +329,7 @@ class Block(nn.Module):
         self.ffn = GeGLU(cfg.d_model, cfg.d_ff)
         self.post_ffn_norm = RMSNorm(cfg.d_model, eps)
 
-    def forward(self, x, rope, input_pos, cache=None, valid_from=None, masks=None):  # (B, T, C) -> (B, T, C)
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from, masks))
+    def forward(self, x, rope, input_pos, cache=None, valid_from=None, masks=None, tree=None):  # (B, T, C)
+        attn = self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from, masks, tree)
+        x = x + self.post_attn_norm(attn)
         return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import GemmaConfig
 from .kv_cache import KVCache
-from .layers import Block, RMSNorm, RotaryEmbedding, ScaledEmbedding
+from .layers import Block, RMSNorm, RotaryEmbedding, ScaledEmbedding, TokenTree
 
 
 class Gemma(nn.Module):
@@ -64,7 +64,9 @@ class Gemma(nn.Module):
         valid_from: torch.Tensor | None = None,  # (B,) first real position of left-padded rows
         last_only: bool = False,  # logits of the last position only: (B, 1, V)
         check_inputs: bool = True,  # False: the caller has validated ids and positions (no device sync)
-    ) -> torch.Tensor:  # (B, T, V) logits in the model dtype
+        tree: TokenTree | None = None,  # the new tokens form a tree: input_pos are their cache slots
+        return_hidden: bool = False,  # also return the final-norm hidden states (B, T, C)
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (B, T, V) logits in the model dtype
         if input_pos is None:
             if cache is not None:
                 raise ValueError("pass input_pos (the positions of input_ids) when using a cache")
@@ -76,6 +78,8 @@ class Gemma(nn.Module):
         # Positions index cache slots; RoPE counts from each row's first real token,
         # so a left-padded prompt is rotated exactly as it would be on its own.
         rope_pos = input_pos if valid_from is None else (input_pos[None] - valid_from[:, None]).clamp(min=0)
+        if tree is not None:  # a token of a tree sits at the first new slot plus its depth
+            rope_pos = input_pos[0] + tree.depth
         max_len = None if cache is None else cache.max_len  # with a cache, read the RoPE tables
         rope = {kind: self.rope[kind](rope_pos, x.dtype, max_len) for kind in ("local", "global")}
         # A one-token step builds its two masks (local, global) in the first layer of
@@ -84,11 +88,13 @@ class Gemma(nn.Module):
         masks = {} if input_ids.shape[1] == 1 else None
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x = block(x, rope[block.kind], input_pos, layer_cache, valid_from, masks)
+            extra = {} if tree is None else {"tree": tree}
+            x = block(x, rope[block.kind], input_pos, layer_cache, valid_from, masks, **extra)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        return self.output_head(x)
+        logits = self.output_head(x)
+        return (logits, x) if return_hidden else logits
 
     def output_head(self, x: torch.Tensor) -> torch.Tensor:
         """Tied head: logits = x @ E^T with the embedding matrix E (V, C)."""

@@ -117,3 +117,16 @@ def test_profile_splits_the_step_into_weight_products_and_the_rest(quant):
     rest = float(re.search(r"everything else .*?([-\d.]+) ms", report).group(1))
     assert 0 < products < 1e3 * plan.matmul_seconds(compiled=True)  # less each call's fixed cost
     assert products + rest == pytest.approx(ms, abs=0.15)
+
+
+@pytest.mark.compile
+def test_speculative_rows_report_tokens_per_round():
+    from gemma_lite.bench import bench_ours
+
+    model, tokenizer = tiny_bench_model()
+    row = bench_ours(model, tokenizer, "spec-lookup", 24, prompt="abcabcabcabc", runs=1, draft_len=3)
+    assert row.mode == "spec-lookup" and 1.0 <= row.tokens_per_round <= 4.0
+    plain = bench_ours(model, tokenizer, "kv", 24, prompt="abcabcabcabc", runs=1)
+    table = format_table([plain, row]).splitlines()
+    assert table[0].split()[-1] == "tok/round"
+    assert table[2].split()[-1] == "-" and float(table[3].split()[-1]) == row.tokens_per_round

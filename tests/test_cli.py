@@ -72,3 +72,21 @@ def test_eval_refuses_an_unknown_method():
     out = run_cli("eval", "--quant", "int5")
     assert out.returncode != 0
     assert "--quant 'int5' is neither a method (int8, int4, int3, gptq, spqr) nor a directory" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["lookup", "redrafter"])
+def test_speculative_generate_prints_the_same_text(real, drafter):
+    prompt = "The capital of France is"
+    out = run_cli("generate", prompt, "-n", "12", "--device", "cpu", "--speculative", drafter, "--width", "2")
+    assert out.returncode == 0, out.stderr
+    model, tokenizer = real
+    assert out.stdout == prompt + Generator(model, tokenizer)(prompt, 12).text[0] + "\n"
+    assert "tokens per round" in out.stderr
+
+
+def test_speculative_options_are_checked():
+    out = run_cli("generate", "Hello", "--speculative", "lookup", "--draft-len", "0", "--device", "cpu")
+    assert out.returncode == 2 and "draft_len must be a positive integer" in out.stderr
+    out = run_cli("generate", "Hello", "--speculative", "redrafter", "--drafter", "/no/head.safetensors")
+    assert out.returncode == 2 and "no draft head at /no/head.safetensors" in out.stderr

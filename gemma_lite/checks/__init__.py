@@ -17,7 +17,7 @@ Learner modules get the reference's (random) weights copied in by parameter
 name, so they must use the same names as ``gemma_lite.layers``.
 
 ``core`` holds the machinery; each chapter's checks live in their own module
-(``ch00_setup`` ... ``ch11_quantization``), and this package exports them all. A new
+(``ch00_setup`` ... ``ch12_speculative``), and this package exports them all. A new
 chapter adds a module and lists its checks below.
 """
 
@@ -51,6 +51,7 @@ from .ch11_quantization import (
     check_pack_int4,
     check_spqr_bits,
 )
+from .ch12_speculative import check_accept_chain, check_expected_speedup, check_tree_mask
 from .core import FAIL, PASS, TODO, CheckResult, Mismatch
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "CheckResult",
     "Mismatch",
     "capped_attention",
+    "check_accept_chain",
     "check_attention",
     "check_bf16_round",
     "check_block",
@@ -72,6 +74,7 @@ __all__ = [
     "check_cosine_neighbours",
     "check_embed_by_onehot",
     "check_embedding",
+    "check_expected_speedup",
     "check_gelu_tanh",
     "check_geglu",
     "check_generate",
@@ -100,6 +103,7 @@ __all__ = [
     "check_spqr_bits",
     "check_tokens_processed",
     "check_training_state_bytes",
+    "check_tree_mask",
     "check_wavelengths",
     "check_weight_bytes",
     "check_window_mask",
