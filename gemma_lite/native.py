@@ -1,4 +1,4 @@
-"""A hand-written CPU kernel for grouped 4-bit weights, built on first use.
+"""Hand-written CPU kernels for grouped 4-bit weights and for a few rows times the head.
 
 ``torch.compile`` turns int8 products into loops that stream at the memory's
 read bandwidth, but not grouped 4-bit ones: a scale every 16 weights makes
@@ -11,6 +11,11 @@ AVX2 and FMA; it is built once, in about half a minute, into torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 Where it cannot be built the kernel is simply not offered (``available()``),
 and the layers keep their other kernels.
+
+``csrc/few_rows_gemm.cpp`` multiplies 2-16 fp32 rows by an fp32 matrix,
+reading it once: speculative decoding's verification pass, whose matrices
+the CPU's sgemm reads at a third of the bandwidth for so few rows. It is used once the
+module is loaded (``loaded()``); ``SpeculativeGenerator`` loads it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "grouped_gemv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("grouped_gemv.cpp", "few_rows_gemm.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP shares the rows among threads
 
 
@@ -37,24 +42,29 @@ def extension():
         return None
     from torch.utils.cpp_extension import load
 
-    print("Loading the grouped 4-bit CPU kernel (built on first use: about 30 s)...", flush=True)
+    print("Loading gemma_lite's CPU kernels (built on first use: about 30 s)...", flush=True)
     try:
         return load(
-            name="gemma_lite_grouped_gemv",
-            sources=[str(SOURCE)],
+            name="gemma_lite_native",
+            sources=[str(s) for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a read-only cache: the other kernels remain
-        message = f"the grouped 4-bit CPU kernel could not be built ({error}); the other kernels remain"
+        message = f"gemma_lite's CPU kernels could not be built ({error}); the other kernels remain"
         warnings.warn(message, stacklevel=2)
         return None
 
 
 def available() -> bool:
-    """Whether ``grouped_gemv`` can run here (building it on the first call)."""
+    """Whether the kernels can run here (building them on the first call)."""
     return extension() is not None
+
+
+def loaded():
+    """The module if this process has loaded it already, else None (never builds it)."""
+    return extension() if extension.cache_info().currsize else None
 
 
 @torch.library.custom_op("gemma_lite::grouped_gemv", mutates_args=())

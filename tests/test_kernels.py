@@ -154,3 +154,26 @@ def test_the_native_kernel_names_a_wrong_input():
     none = torch.empty(0, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="x has 32 entries, the matrix 64"):
         native.grouped_gemv(torch.randn(32), *layer.stored(), none, none, none)
+
+
+@torch.no_grad()
+def test_a_few_rows_times_the_tall_head_agree_with_f_linear_in_every_path():
+    """dense_linear's few-row product (2-16 fp32 rows): the native kernel (once loaded), the tall
+    matrix's fallback, and torch.compile of it all give F.linear's result."""
+    from gemma_lite.kernels import dense_linear, few_rows, few_rows_product
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(70_000, 64, generator=gen)
+    compiled = torch.compile(dense_linear, dynamic=False)
+    for rows in (2, 5, 16):
+        x = torch.randn(rows, 64, generator=gen)
+        assert few_rows(x, weight)
+        expected = F.linear(x, weight)
+        for got in (dense_linear(x, weight), compiled(x, weight), (weight @ x.T).T):
+            assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+    assert not few_rows(torch.randn(17, 64), weight) and not few_rows(torch.randn(1, 64), weight)
+    if native.available():
+        assert native.loaded() is not None
+        assert torch.allclose(few_rows_product(weight, x), F.linear(x, weight), atol=1e-4, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
+            native.extension().few_rows_gemm(torch.randn(17, 64), weight)

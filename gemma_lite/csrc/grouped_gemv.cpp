@@ -107,4 +107,9 @@ torch::Tensor grouped_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("grouped_gemv", &grouped_gemv, "grouped 4-bit codes @ x"); }
+torch::Tensor few_rows_gemm(torch::Tensor x, torch::Tensor weight);  // few_rows_gemm.cpp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("grouped_gemv", &grouped_gemv, "grouped 4-bit codes @ x");
+  m.def("few_rows_gemm", &few_rows_gemm, "a few fp32 rows @ a tall fp32 matrix^T");
+}
