@@ -330,6 +330,8 @@ class Block(nn.Module):
         self.post_ffn_norm = RMSNorm(cfg.d_model, eps)
 
     def forward(self, x, rope, input_pos, cache=None, valid_from=None, masks=None, tree=None):  # (B, T, C)
-        attn = self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from, masks, tree)
-        x = x + self.post_attn_norm(attn)
+        # one expression: the attention output is freed before the feed-forward's peak
+        x = x + self.post_attn_norm(
+            self.attn(self.attn_norm(x), rope, input_pos, cache, valid_from, masks, tree)
+        )
         return x + self.post_ffn_norm(self.ffn(self.ffn_norm(x)))
