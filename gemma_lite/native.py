@@ -21,6 +21,7 @@ module is loaded (``loaded()``); ``SpeculativeGenerator`` loads it.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def extension():
         return None
     from torch.utils.cpp_extension import load
 
-    print("Loading gemma_lite's CPU kernels (built on first use: about 30 s)...", flush=True)
+    print("Loading gemma_lite's CPU kernels (built on first use: about 30 s)...", file=sys.stderr, flush=True)
     try:
         return load(
             name="gemma_lite_native",
