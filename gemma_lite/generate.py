@@ -355,10 +355,7 @@ class Generator:
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
         ids, valid_from, lengths = self.encode_checked(prompts, max_new_tokens)
         B, T = ids.shape
-        stop_ids = {s for s in stop if isinstance(s, int)}
-        if stop_at_eos:
-            stop_ids.add(self.tokenizer.eos_id)
-        rows = RowTracker(self.tokenizer, B, stop_ids, [s for s in stop if isinstance(s, str)], on_text)
+        rows = self.row_tracker(B, stop, stop_at_eos, on_text)
         rng = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         seen = [ids[b, T - n :] for b, n in enumerate(lengths)] if repetition_penalty != 1.0 else None
 
@@ -392,6 +389,13 @@ class Generator:
         step_compiled = cache is not None and bool(out.step_times) and self.compiles("step", B, cache.max_len)
         out.compile_s = self._compile_time(out, prefill_compiled, step_compiled)
         return out
+
+    def row_tracker(self, batch: int, stop, stop_at_eos: bool, on_text) -> RowTracker:
+        """A ``RowTracker`` for ``stop`` (ids and strings), the end-of-text id if ``stop_at_eos``."""
+        stop_ids = {s for s in stop if isinstance(s, int)}
+        if stop_at_eos:
+            stop_ids.add(self.tokenizer.eos_id)
+        return RowTracker(self.tokenizer, batch, stop_ids, [s for s in stop if isinstance(s, str)], on_text)
 
     def encode_checked(self, prompts, max_new_tokens: int):
         """``encode_batch``, after checking that the prompts and new tokens fit the context."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import native
 from .fast import set_embedding_layout
-from .generate import Generation, Generator, RowTracker, Sampling, filter_logits, next_token
+from .generate import Generation, Generator, Sampling, filter_logits, next_token
 from .kv_cache import KVCache
 from .layers import TokenTree
 from .model import Gemma
@@ -548,10 +548,7 @@ class SpeculativeGenerator(Generator):
         if ids.shape[0] != 1:
             raise ValueError(f"speculative decoding runs one prompt at a time, got {ids.shape[0]}")
         T = ids.shape[1]
-        stop_ids = {s for s in stop if isinstance(s, int)} | (
-            {self.tokenizer.eos_id} if stop_at_eos else set()
-        )
-        rows = RowTracker(self.tokenizer, 1, stop_ids, [s for s in stop if isinstance(s, str)], on_text)
+        rows = self.row_tracker(1, stop, stop_at_eos, on_text)
         rng = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         out = SpeculativeGeneration(text=[], new_ids=rows.new_ids, prompt_tokens=lengths)
         stats = out.stats
