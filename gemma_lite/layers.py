@@ -201,6 +201,18 @@ def attention_mask(
     return allowed
 
 
+def causal_mask(T: int) -> torch.Tensor:
+    """(T, T) bool for tokens 0..T-1: query q (row) may attend to key k (column) when k <= q."""
+    positions = torch.arange(T)
+    return attention_mask(positions, positions)[0, 0]
+
+
+def sliding_window_mask(T: int, window: int) -> torch.Tensor:
+    """(T, T) bool: causal, and query q sees only the ``window`` keys q - window + 1 .. q."""
+    positions = torch.arange(T)
+    return attention_mask(positions, positions, window)[0, 0]
+
+
 def tree_mask(
     slots: torch.Tensor, key_pos: torch.Tensor, tree: TokenTree, window: int | None = None
 ) -> torch.Tensor:

@@ -15,6 +15,7 @@ merge first.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -106,6 +107,24 @@ class GemmaTokenizer:
         backend.save(str(tmp))
         tmp.replace(cached)
         return cls(backend, **ids)
+
+
+def bpe_encode(text: str, vocab: dict[str, int]) -> list[int]:
+    """Token ids of text (no <bos>) by SentencePiece BPE, as a plain Python loop (chapter 1).
+
+    Spaces become "▁"; a character outside the vocabulary becomes one <0xXX> piece per UTF-8
+    byte; then the adjacent pair whose merged piece has the smallest id merges, until no
+    adjacent pair forms a piece. The tokenizer does the same, much faster.
+    """
+    symbols = []
+    for char in text.replace(" ", "▁"):
+        symbols += [char] if char in vocab else [f"<0x{byte:02X}>" for byte in char.encode("utf-8")]
+    while True:
+        pairs = [(vocab[a + b], i) for i, (a, b) in enumerate(itertools.pairwise(symbols)) if a + b in vocab]
+        if not pairs:
+            return [vocab[s] for s in symbols]
+        _, i = min(pairs)
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
 
 
 def recover_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:

@@ -63,6 +63,11 @@ def external_name(name: str, fmt: str) -> str:
     return f"{prefix}.{m.group(1)}.{_LAYER_NAMES[m.group(2)][col]}.{leaf}"
 
 
+def gguf_name(name: str) -> str:
+    """Our parameter name -> its GGUF name: "blocks.3.attn.q_proj.weight" -> "blk.3.attn_q.weight"."""
+    return external_name(name, "gguf")
+
+
 def check_shape(name: str, param: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
     """Refuse a tensor from ``where`` whose shape differs from the parameter it is meant for."""
     if tuple(param.shape) != tuple(shape):

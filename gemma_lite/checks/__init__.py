@@ -24,7 +24,14 @@ chapter adds a module and lists its checks below.
 from .ch00_setup import check_bf16_round, check_pick_device, check_weight_bytes
 from .ch01_tokenizer import check_bpe_encode, check_byte_fallback_chars, check_pieces_to_text
 from .ch02_embeddings import check_cosine_neighbours, check_embed_by_onehot, check_embedding, check_rmsnorm
-from .ch03_rope import check_rope, check_rope_complex, check_rope_matrix, check_wavelengths
+from .ch03_rope import (
+    check_apply_rope,
+    check_rope,
+    check_rope_complex,
+    check_rope_matrix,
+    check_rotary_embedding,
+    check_wavelengths,
+)
 from .ch04_attention import (
     check_attention,
     check_causal_mask,
@@ -34,7 +41,7 @@ from .ch04_attention import (
     check_window_mask,
 )
 from .ch05_block import check_block, check_block_macs, check_block_parameters, check_geglu, check_gelu_tanh
-from .ch06_model import check_logit_lens, check_model, check_parameter_count
+from .ch06_model import check_gguf_name, check_logit_lens, check_model, check_my_gemma, check_parameter_count
 from .ch07_generation import (
     check_generate,
     check_min_p,
@@ -55,6 +62,10 @@ from .ch12_speculative import check_accept_chain, check_expected_speedup, check_
 from .core import FAIL, PASS, TODO, CheckResult, Mismatch
 
 __all__ = [
+    "check_my_gemma",
+    "check_gguf_name",
+    "check_rotary_embedding",
+    "check_apply_rope",
     "FAIL",
     "PASS",
     "TODO",

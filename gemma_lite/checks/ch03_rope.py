@@ -142,3 +142,100 @@ def check_rope_matrix(fn: Callable[[int, int, float], torch.Tensor]) -> str:
                 causes=causes,
             )
     return "R(p) @ x rotates x exactly like rope(x, p)"
+
+
+def _tables_variant(D: int, base: float, positions: torch.Tensor, dtype, mode: str):
+    """RoPE tables with a common mistake: "half" (D/2 columns), "interleaved", "exponent"."""
+    if mode == "exponent":
+        inv_freq = base ** (-torch.arange(D // 2).float() / D)
+    else:
+        inv_freq = RotaryEmbedding(D, base).inv_freq()
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    if mode == "interleaved":
+        angles = angles.repeat_interleave(2, dim=-1)
+    elif mode != "half":
+        angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@check("RotaryEmbedding")
+def check_rotary_embedding(cls) -> str:
+    """cls(head_dim, base), forward(positions (T,), dtype) -> cos, sin, each (T, head_dim)."""
+    D = 16
+    for base in (10_000.0, 1_000_000.0):
+        mine = cls(D, base)
+        for positions in (torch.arange(6), torch.tensor([3, 4, 5, 40, 41, 600])):
+            for dtype in (torch.float32, torch.bfloat16):
+                got = mine(positions, dtype)
+                if not isinstance(got, tuple) or len(got) != 2:
+                    raise Mismatch("forward should return the pair (cos, sin)")
+                expected = RotaryEmbedding(D, base)(positions, dtype)
+                for which, g, e, k in (("cos", got[0], expected[0], 0), ("sin", got[1], expected[1], 1)):
+                    causes = [
+                        (
+                            "each angle is needed for both halves of its pair: concatenate the (T, D/2) "
+                            "angles with themselves, torch.cat([angles, angles], dim=-1)",
+                            lambda m="half", k=k, p=positions, b=base, d=dtype: _tables_variant(
+                                D, b, p, d, m
+                            )[k],
+                        ),
+                        (
+                            "Gemma pairs dimension i with i + D/2: concatenate the angles (cat), "
+                            "do not repeat each one (repeat_interleave)",
+                            lambda m="interleaved", k=k, p=positions, b=base, d=dtype: _tables_variant(
+                                D, b, p, d, m
+                            )[k],
+                        ),
+                        (
+                            "frequencies: inv_freq = base ** (-2i / D) for i = 0 .. D/2 - 1",
+                            lambda m="exponent", k=k, p=positions, b=base, d=dtype: _tables_variant(
+                                D, b, p, d, m
+                            )[k],
+                        ),
+                        (
+                            "cos and sin are swapped",
+                            lambda k=k, e=expected: e[1 - k],
+                        ),
+                    ]
+                    expect_close(
+                        g,
+                        e,
+                        f"{which} table (base {base:,.0f}, positions {positions.tolist()}, {dtype})",
+                        causes=causes,
+                    )
+    return "cos and sin tables match gemma_lite.layers.RotaryEmbedding for both bases, fp32 and bf16"
+
+
+def _apply_variant(x, cos, sin, mode: str) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    if mode == "sign":
+        return x * cos + torch.cat([x2, -x1], dim=-1) * sin
+    if mode == "swapped":
+        return x * sin + torch.cat([-x2, x1], dim=-1) * cos
+    even, odd = x[..., 0::2], x[..., 1::2]  # "interleaved": neighbours form the pairs
+    c, s = cos[..., : x.shape[-1] // 2], sin[..., : x.shape[-1] // 2]
+    return torch.stack([even * c - odd * s, even * s + odd * c], dim=-1).flatten(-2)
+
+
+@check("apply_rope")
+def check_apply_rope(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> str:
+    """fn(x (B, H, T, D), cos (T, D), sin (T, D)) -> x rotated pair by pair (i with i + D/2)."""
+    x, positions = torch.randn(2, 3, 6, 16), torch.tensor([0, 1, 2, 30, 31, 500])
+    for base in (10_000.0, 1_000_000.0):
+        cos, sin = RotaryEmbedding(16, base)(positions, x.dtype)
+        causes = [
+            (
+                "rotate_half(x) is (-x2, x1), not (x2, -x1)",
+                lambda c=cos, s=sin: _apply_variant(x, c, s, "sign"),
+            ),
+            (
+                "x goes with cos and rotate_half(x) with sin",
+                lambda c=cos, s=sin: _apply_variant(x, c, s, "swapped"),
+            ),
+            (
+                "Gemma pairs dimension i with i + D/2 (two halves), not neighbours 2i and 2i + 1",
+                lambda c=cos, s=sin: _apply_variant(x, c, s, "interleaved"),
+            ),
+        ]
+        expect_close(fn(x, cos, sin), apply_rope(x, cos, sin), f"rotated x (base {base:,.0f})", causes=causes)
+    return "x * cos + rotate_half(x) * sin, with pairs (i, i + D/2), like gemma_lite.layers.apply_rope"

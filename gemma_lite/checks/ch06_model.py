@@ -10,9 +10,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import workbook
 from ..config import GemmaConfig
+from ..generate import generate_ids
+from ..gguf_file import bundled_gguf_path, open_gguf
 from ..loading import load
 from ..model import Gemma
+from ..weights import external_name, gguf_name
 from .core import (
     Cause,
     Mismatch,
@@ -156,3 +160,64 @@ def check_logit_lens(fn) -> str:
             causes=causes,
         )
     return "reads the residual stream after any layer through the final norm and the tied head"
+
+
+@check("gguf_name")
+def check_gguf_name(fn: Callable[[str], str]) -> str:
+    """fn(our parameter name) -> the tensor's name in the GGUF file, for every parameter of Gemma."""
+    cfg = GemmaConfig.tiny()
+    names = [n for n, _ in Gemma(cfg).named_parameters()]
+    for name in names:
+        expected = gguf_name(name)
+        causes = [
+            (
+                "layers are 'blk.N.' in the GGUF, not 'blocks.N.'",
+                lambda e=expected: e.replace("blk.", "blocks.", 1),
+            ),
+            ("keep the '.weight' at the end", lambda e=expected: e.removesuffix(".weight")),
+            ("those are Hugging Face's names; the GGUF has its own", lambda n=name: external_name(n, "hf")),
+        ]
+        expect_equal(fn(name), expected, f"gguf_name({name!r})", causes)
+    return f"all {len(names)} parameter names map to the GGUF's tensor names"
+
+
+def _greedy_text(model: nn.Module, tokenizer, prompt: str, n: int) -> tuple[list[int], str]:
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    new = generate_ids(model, ids, n, stop_ids={tokenizer.eos_id})
+    return new, tokenizer.decode(new)
+
+
+@check("your Gemma 3")
+def check_my_gemma(cls, load_fn: Callable, tokenizer, prompt: str = "The capital of France is") -> str:
+    """The capstone: cls(cfg) loaded by load_fn(model, gguf) from the bundled weights is the reference model.
+
+    Weight by weight, then the logits of 40 random tokens within 1e-4 (fp32), naming the
+    first layer whose output differs and whose piece it is; then both continue ``prompt``
+    greedily and must choose the same tokens.
+    """
+    cfg = GemmaConfig.gemma3_270m()
+    mine = cls(cfg)
+    if not isinstance(mine, nn.Module):
+        raise Mismatch(f"{getattr(cls, '__name__', cls)}(cfg) should build a torch.nn.Module")
+    load_fn(mine, open_gguf(bundled_gguf_path()))
+    mine = mine.float().eval()
+    reference, _ = load(device="cpu", dtype=torch.float32, progress=False)
+    problem = _parameter_difference(mine, reference)
+    if problem:
+        raise Mismatch(f"{problem} (after your {getattr(load_fn, '__name__', 'loader')})")
+    ids = torch.randint(3, cfg.vocab_size, (1, 40))
+    compare_modules(
+        mine, reference, (ids,), "logits (real weights, fp32)", _model_causes(reference, ids), atol=1e-4
+    )
+    new, text = _greedy_text(mine, tokenizer, prompt, 8)
+    expected, _ = _greedy_text(reference, tokenizer, prompt, 8)
+    expect_equal(new, expected, f"the greedy continuation of {prompt!r}")
+    parts = workbook.pieces_of(mine, load_fn)
+    yours = [n for n, learner in parts.items() if learner]
+    theirs = [n for n, learner in parts.items() if not learner]
+    built = f"built from your {', '.join(yours)}" if yours else "built from the package's pieces only"
+    rest = f"; the package's: {', '.join(theirs)}" if theirs and yours else ""
+    return (
+        f"{built}{rest}. It loads the real weights, its logits match the reference within 1e-4, "
+        f"and it continues {prompt!r} with {text!r}"
+    )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import workbook
 from ..layers import RMSNorm
 
 PASS, FAIL, TODO = "✅", "❌", "⏳"
@@ -61,6 +62,8 @@ def check(title: str):
 
     The body returns a short description of what passed, or raises Mismatch.
     It runs seeded (without touching the caller's random state) and without autograd.
+    When it passes on a piece of the learner's model written in a notebook cell, the
+    piece is saved in their workbook (``gemma_lite.workbook``).
     """
 
     def decorate(body: Callable[..., str]) -> Callable[..., CheckResult]:
@@ -69,7 +72,10 @@ def check(title: str):
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(0)
                 try:
-                    result = CheckResult(True, f"{PASS} {title}: {body(*args, **kwargs)}")
+                    passed = body(*args, **kwargs)
+                    result = CheckResult(
+                        True, f"{PASS} {title}: {passed}{workbook.keep_passed(body.__name__, args)}"
+                    )
                 except NotImplementedError as e:
                     message = f"{TODO} not done yet: fill in the TODO in {_raised_in(e)}"
                     result = CheckResult(False, message, done=False)
@@ -252,6 +258,16 @@ def outputs_by_module(model: nn.Module, names: set[str], run: Callable[[], objec
     return seen
 
 
+def describe(module: nn.Module) -> str:
+    """' (your Attention, which calls your apply_rope)' or ' (the package's RMSNorm)': who wrote a module."""
+    cls = type(module)
+    if not workbook.is_learners(cls):
+        return f" (the package's {cls.__name__})"
+    called = [name for name, fn in workbook.functions_used(cls).items() if workbook.is_learners(fn)]
+    calls = f", which calls your {', '.join(called)}" if called else ""
+    return f" (your {cls.__name__}{calls})"
+
+
 def _first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) -> str:
     """'; ... first differs at <submodule>' in the reference's call order."""
     shared = {n for n, _ in reference.named_modules() if n} & {n for n, _ in mine.named_modules() if n}
@@ -263,7 +279,8 @@ def _first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) 
             if not isinstance(ref_o, torch.Tensor):
                 continue
             if not _matches(my_o, ref_o, 1e-4, 1e-4):
-                return f"; the first submodule whose output differs is '{name}'"
+                who = describe(mine.get_submodule(name))
+                return f"; the first submodule whose output differs is '{name}'{who}"
     return "; every submodule's output agrees, so look at how your forward connects them"
 
 
