@@ -8,6 +8,7 @@ helpers every test module shares live in ``helpers.py``.
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -17,6 +18,10 @@ import gemma_lite
 from gemma_lite.gguf_file import bundled_gguf_path
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# The learner's workbook (gemma_lite.workbook) is never touched: every check that passes
+# here, and every notebook kernel started from here, saves its pieces in a fresh folder.
+os.environ["GEMMA_LITE_WORKBOOK"] = tempfile.mkdtemp(prefix="gemma-lite-workbook-")
 
 
 REAL_WEIGHTS = {"gguf_path", "real", "tokenizer", "real_hf_dir", "hf_model", "hf_tokenizer"}  # fixtures below

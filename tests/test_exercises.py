@@ -2,12 +2,18 @@
 
 An exercise notebook and its solution are the same notebook cell for cell; only
 the TODO cells (those that ``raise NotImplementedError``) differ. Unsolved, an
-exercise notebook runs top to bottom without an error and every check says
-"not done yet"; solved, every check passes (the solutions also run under nbval).
+exercise notebook runs top to bottom without an error, every check says
+"not done yet", and the package's pieces stand in for the learner's (and it says
+so); solved, every check passes (the solutions also run under nbval, in order,
+each one using the pieces the earlier ones saved).
+
+Every piece of the model (``gemma_lite.workbook.PIECES``) is a TODO of its
+exercise, followed by its check, after three hints that do not give it away.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import ipykernel.kernelspec
@@ -17,6 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from gemma_lite import workbook
 from gemma_lite.checks import FAIL, PASS, TODO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +91,47 @@ class CurrentEnvironment(KernelSpecManager):
         )
 
 
+def defining_cell(cells, name: str) -> int:
+    defines = re.compile(rf"^(class|def) {re.escape(name)}\b", re.MULTILINE)
+    found = [i for i, c in enumerate(cells) if c.cell_type == "code" and defines.search(c.source)]
+    assert len(found) == 1, f"{name} should be defined in exactly one cell, found {len(found)}"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", list(workbook.PIECES))
+def test_every_piece_of_the_model_is_an_exercise_with_its_check(name):
+    piece = workbook.PIECES[name]
+    cells = read(ROOT / "exercises" / f"{piece.exercise}.ipynb").cells
+    i = defining_cell(cells, name)
+    assert TODO_MARK in cells[i].source, f"{name} is not a TODO in exercise {piece.exercise}"
+    later = "".join(c.source for c in cells[i + 1 :] if c.cell_type == "code")
+    called = re.search(rf"{piece.check}\((\w+, )*{name}\b", later)
+    assert called, f"no {piece.check}(..., {name}, ...) after the TODO"
+
+
+@pytest.mark.parametrize("name", list(workbook.PIECES))
+def test_pieces_have_three_hints_that_do_not_give_the_solution(name):
+    piece = workbook.PIECES[name]
+    cells = read(ROOT / "exercises" / f"{piece.exercise}.ipynb").cells
+    i = defining_cell(cells, name)
+    text = next(c.source for c in reversed(cells[:i]) if c.cell_type == "markdown")
+    summaries = re.findall(r"<summary>(.*?)</summary>", text)
+    assert [s.split(":")[0] for s in summaries] == ["Hint 1", "Hint 2", "Hint 3"]
+    solution = workbook.solution_source(name)
+    body = [
+        line.strip()
+        for line in solution.splitlines()
+        if line.strip() and not line.strip().startswith(('"""', "#"))
+    ]
+    hints = text[text.index("<details>") :]
+    given = [line for line in body if line in hints]
+    assert len(given) <= max(1, len(body) // 4), f"the hints give {len(given)} lines of the solution: {given}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("exercise", EXERCISES, ids=ids(EXERCISES))
-def test_unsolved_exercise_runs_and_says_not_done(exercise):
+def test_unsolved_exercise_runs_and_says_not_done(exercise, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_LITE_WORKBOOK", str(tmp_path))  # an empty workbook: nothing written yet
     nb = read(exercise)
     km = KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnvironment())
     NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(exercise.parent)}}).execute()
@@ -96,3 +141,16 @@ def test_unsolved_exercise_runs_and_says_not_done(exercise):
     todo_cells = sum(TODO_MARK in cell.source for cell in nb.cells if cell.cell_type == "code")
     assert text.count(NOT_DONE) == todo_cells, "every TODO should have a check that says 'not done yet'"
     assert FAIL not in text, "an unsolved exercise should say 'not done yet', not fail"
+    calls = [
+        args
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for args in re.findall(r"\buse\(([^)]*)\)", cell.source)
+    ]
+    used = [name for args in calls for name in re.findall(r'"(\w+)"', args)]
+    assert used or exercise.name < "01" or exercise.name > "07", "the exercise asks for no earlier piece"
+    for name in used:
+        assert f"{name:20} the package's" in text, (
+            f"the exercise does not say that the package's {name} stands in"
+        )
+    assert not list(tmp_path.glob("*.py")), "an unsolved exercise saved a piece"

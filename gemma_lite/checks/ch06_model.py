@@ -188,7 +188,7 @@ def _greedy_text(model: nn.Module, tokenizer, prompt: str, n: int) -> tuple[list
 
 
 @check("your Gemma 3")
-def check_my_gemma(cls, load_fn: Callable, tokenizer, prompt: str = "The capital of France is") -> str:
+def check_my_gemma(cls, load_fn: Callable, prompt: str = "The capital of France is") -> str:
     """The capstone: cls(cfg) loaded by load_fn(model, gguf) from the bundled weights is the reference model.
 
     Weight by weight, then the logits of 40 random tokens within 1e-4 (fp32), naming the
@@ -201,7 +201,7 @@ def check_my_gemma(cls, load_fn: Callable, tokenizer, prompt: str = "The capital
         raise Mismatch(f"{getattr(cls, '__name__', cls)}(cfg) should build a torch.nn.Module")
     load_fn(mine, open_gguf(bundled_gguf_path()))
     mine = mine.float().eval()
-    reference, _ = load(device="cpu", dtype=torch.float32, progress=False)
+    reference, tokenizer = load(device="cpu", dtype=torch.float32, progress=False)
     problem = _parameter_difference(mine, reference)
     if problem:
         raise Mismatch(f"{problem} (after your {getattr(load_fn, '__name__', 'loader')})")

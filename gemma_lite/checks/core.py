@@ -258,14 +258,25 @@ def outputs_by_module(model: nn.Module, names: set[str], run: Callable[[], objec
     return seen
 
 
-def describe(module: nn.Module) -> str:
-    """' (your Attention, which calls your apply_rope)' or ' (the package's RMSNorm)': who wrote a module."""
-    cls = type(module)
+def describe(model: nn.Module, name: str) -> str:
+    """Who wrote submodule ``name``: " (your Attention, which calls your ...)" or " (the package's RMSNorm)".
+
+    A plain layer (a Linear inside a GeGLU) is described by the piece it belongs to.
+    """
+    owner = name
+    while "." in owner and not _is_piece(type(model.get_submodule(owner))):
+        owner = owner.rpartition(".")[0]
+    cls = type(model.get_submodule(owner))
+    inside = f", inside '{owner}'" if owner != name else ""
     if not workbook.is_learners(cls):
-        return f" (the package's {cls.__name__})"
-    called = [name for name, fn in workbook.functions_used(cls).items() if workbook.is_learners(fn)]
+        return f"{inside} (the package's {cls.__name__})"
+    called = [n for n, fn in workbook.functions_used(cls).items() if workbook.is_learners(fn)]
     calls = f", which calls your {', '.join(called)}" if called else ""
-    return f" (your {cls.__name__}{calls})"
+    return f"{inside} (your {cls.__name__}{calls})"
+
+
+def _is_piece(cls) -> bool:
+    return cls.__name__ in workbook.PIECES or workbook.is_learners(cls)
 
 
 def _first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) -> str:
@@ -279,7 +290,7 @@ def _first_divergence(reference: nn.Module, mine: nn.Module, run_ref, run_mine) 
             if not isinstance(ref_o, torch.Tensor):
                 continue
             if not _matches(my_o, ref_o, 1e-4, 1e-4):
-                who = describe(mine.get_submodule(name))
+                who = describe(mine, name)
                 return f"; the first submodule whose output differs is '{name}'{who}"
     return "; every submodule's output agrees, so look at how your forward connects them"
 

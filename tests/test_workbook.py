@@ -1,0 +1,197 @@
+"""The learner's workbook: pieces saved when their check passes, used by later exercises, reset on request.
+
+Notebook cells are imitated as IPython runs them: source code compiled under a file
+name that exists only in ``linecache``. Each test has its own workbook folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+
+import pytest
+import torch
+
+from gemma_lite import checks, layers, workbook
+from gemma_lite.__main__ import main
+
+_cells = itertools.count()
+
+RMSNORM = '''
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), in fp32."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+print("a call the saved piece leaves out")
+'''
+
+
+def run_cell(source: str, namespace: dict | None = None) -> dict:
+    """Execute source as a notebook cell: its code's file name lives only in linecache."""
+    filename = f"/nonexistent/ipykernel_0/{next(_cells)}.py"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    namespace = namespace if namespace is not None else {"__name__": "__main__", **workbook.BASE_NAMES}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture
+def book(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_LITE_WORKBOOK", str(tmp_path / "book"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "book"
+
+
+def solution_pieces(folder, names) -> None:
+    """Save the solutions' pieces in ``folder`` as if their checks had passed."""
+    for name in names:
+        workbook.save(name, workbook.solution_source(name), folder)
+
+
+def test_a_passing_check_saves_the_cell_and_later_use_loads_it(book, capsys):
+    cell = run_cell(RMSNORM)
+    assert checks.check_rmsnorm(cell["RMSNorm"])
+    assert "saved as RMSNorm.py in your workbook" in capsys.readouterr().out
+    text = (book / "RMSNorm.py").read_text()
+    assert "class RMSNorm" in text and "print(" not in text, "the definitions are saved, calls are not"
+
+    mine = workbook.use("RMSNorm")
+    out = capsys.readouterr().out
+    assert "RMSNorm" in out and "yours, from exercise 02" in out
+    assert mine.__module__ == "workbook.RMSNorm" and workbook.is_learners(mine)
+    x = torch.randn(2, 3, 8)
+    ref = layers.RMSNorm(8)
+    torch.nn.init.normal_(ref.weight)
+    norm = mine(8)
+    norm.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(norm(x), ref(x), rtol=0, atol=0)
+
+
+def test_unwritten_failed_and_edited_pieces_fall_back_to_the_package(book, capsys):
+    assert workbook.use("Attention", quiet=True) is layers.Attention
+    assert "yours is not done yet (exercise 04)" in workbook.choose("Attention").why
+
+    broken = run_cell(RMSNORM.replace("1.0 + self.weight", "self.weight"))
+    assert not checks.check_rmsnorm(broken["RMSNorm"])
+    assert not (book / "RMSNorm.py").exists(), "a failing check saves nothing"
+    assert workbook.use("RMSNorm", quiet=True) is layers.RMSNorm
+
+    assert checks.check_rmsnorm(run_cell(RMSNORM)["RMSNorm"])
+    path = book / "RMSNorm.py"
+    path.write_text(path.read_text() + "\n# changed by hand\n")
+    choice = workbook.choose("RMSNorm")
+    assert choice.value is layers.RMSNorm and "changed since its check passed" in choice.why
+    capsys.readouterr()
+
+
+def test_the_package_itself_and_test_code_are_never_saved(book):
+    assert checks.check_rmsnorm(layers.RMSNorm)
+    assert checks.check_causal_mask(layers.causal_mask)
+    assert not book.exists() or not list(book.iterdir())
+
+
+def test_a_piece_that_needs_another_cell_is_refused_with_the_reason(book, capsys):
+    helper = run_cell("def mean_square(x):\n    return x.pow(2).mean(-1, keepdim=True)\n")
+    cell = run_cell(RMSNORM.replace("x32.pow(2).mean(-1, keepdim=True)", "mean_square(x32)"), helper)
+    assert checks.check_rmsnorm(cell["RMSNorm"])
+    out = capsys.readouterr().out
+    assert "not saved: your RMSNorm uses mean_square, defined in another cell" in out
+    assert not (book / "RMSNorm.py").exists()
+
+
+def test_pieces_load_the_earlier_pieces_they_name(book):
+    solution_pieces(book, ["RMSNorm", "apply_rope", "causal_mask", "sliding_window_mask", "Attention"])
+    attention = workbook.use("Attention", quiet=True)
+    assert attention.__module__ == "workbook.Attention"
+    used = workbook.functions_used(attention)
+    assert set(used) == {"apply_rope", "causal_mask", "sliding_window_mask"}
+    assert all(workbook.is_learners(fn) for fn in used.values())
+    assert checks.check_attention(attention)
+
+    (book / "causal_mask.py").unlink()  # gone: the package's mask stands in, the rest are still theirs
+    attention = workbook.use("Attention", quiet=True)
+    assert workbook.functions_used(attention)["causal_mask"] is layers.causal_mask
+    assert checks.check_attention(attention)
+
+
+def test_solutions_run_from_the_course_keep_their_pieces_apart(book, monkeypatch):
+    monkeypatch.chdir(workbook.COURSE / "solutions")
+    assert workbook.location() == book / "solutions"
+    monkeypatch.chdir(workbook.COURSE / "exercises")
+    assert workbook.location() == book
+
+
+def test_a_workbook_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    monkeypatch.setenv("GEMMA_LITE_WORKBOOK", str(taken))
+    assert checks.check_rmsnorm(run_cell(RMSNORM)["RMSNorm"])
+    out = capsys.readouterr().out
+    assert f"cannot save your RMSNorm in {taken}" in out
+    assert "set GEMMA_LITE_WORKBOOK to a folder you can write" in out
+
+
+def test_the_capstone_names_the_broken_piece_tiny(book, capsys):
+    pieces = ["ScaledEmbedding", "RMSNorm", "RotaryEmbedding", "apply_rope", "causal_mask"]
+    solution_pieces(book, [*pieces, "sliding_window_mask", "Attention", "GeGLU", "Block", "Gemma3"])
+    # a GeGLU that passed its check once, then broken by hand and recorded as passed again
+    path = book / "GeGLU.py"
+    workbook.save("GeGLU", path.read_text().replace('approximate="tanh"', 'approximate="none"'), book)
+    model = workbook.use("Gemma3", quiet=True)
+    assert not checks.check_model(model)
+    out = capsys.readouterr().out
+    assert "inside 'blocks.0.ffn' (your GeGLU)" in out
+
+
+@pytest.mark.slow
+def test_the_capstone_passes_on_the_solution_pieces_and_names_a_broken_one(book, capsys):
+    solution_pieces(book, [n for n, p in workbook.PIECES.items() if p.chapter <= "06"])
+    model, loader = workbook.use("Gemma3", "load_from_gguf", quiet=True)
+    assert checks.check_my_gemma(model, loader)
+    out = capsys.readouterr().out
+    assert "built from your ScaledEmbedding, RMSNorm, RotaryEmbedding, apply_rope" in out
+    assert "the package's" not in out
+
+    path = book / "apply_rope.py"
+    broken = path.read_text().replace("torch.cat([-x2, x1], dim=-1)", "torch.cat([x2, -x1], dim=-1)")
+    workbook.save("apply_rope", broken, book)
+    model, loader = workbook.use("Gemma3", "load_from_gguf", quiet=True)
+    assert not checks.check_my_gemma(model, loader)
+    out = capsys.readouterr().out
+    assert "(your Attention, which calls your apply_rope" in out
+
+
+def test_cli_lists_diffs_and_resets_with_confirmation(book, capsys, monkeypatch):
+    solution_pieces(book, ["RMSNorm", "GeGLU"])
+    assert main(["workbook"]) == 0
+    out = capsys.readouterr().out
+    assert f"Your workbook: {book}" in out and "RMSNorm              passed" in out
+    assert "Attention            not done" in out
+
+    assert main(["workbook", "--diff", "RMSNorm"]) == 0
+    assert "RMSNorm: the same as the solution" in capsys.readouterr().out
+    path = book / "RMSNorm.py"
+    path.write_text(path.read_text().replace("1.0 + self.weight", "self.weight"))
+    assert main(["workbook", "--diff", "RMSNorm"]) == 0
+    assert "+        return (normed * (1.0 + self.weight.float())).type_as(x)" in capsys.readouterr().out
+
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["workbook", "--reset"]) == 1
+    assert path.exists() and "Nothing deleted" in capsys.readouterr().out
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["workbook", "--reset", "GeGLU"]) == 0
+    assert not (book / "GeGLU.py").exists() and path.exists()
+    assert main(["workbook", "--reset", "--yes"]) == 0
+    assert not path.exists() and "Deleted 1 piece(s)" in capsys.readouterr().out
+    assert main(["workbook", "--reset", "NoSuchPiece", "--yes"]) == 2
+    assert "no piece named 'NoSuchPiece'" in capsys.readouterr().err
