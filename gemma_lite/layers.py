@@ -281,10 +281,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.heads(x, rope)
 
         if cache is None:
             keys, values, key_pos = k, v, input_pos
@@ -308,6 +305,24 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
         out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
         return self.o_proj(out)
+
+
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C): QK-norm, then RoPE."""
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor):
+        """The attention weights of x over itself, no cache: (B, H, T, T), each row sums to 1 (chapter 4)."""
+        q, k, _ = self.heads(x, rope)
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
+        scores = q @ k.transpose(-2, -1) * self.scale  # (B, H, T, T)
+        allowed = attention_mask(input_pos, input_pos, self.window)  # (1, 1, T, T)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
 class GeGLU(nn.Module):

@@ -109,17 +109,20 @@ class GemmaTokenizer:
         return cls(backend, **ids)
 
 
-def bpe_encode(text: str, vocab: dict[str, int]) -> list[int]:
+def bpe_encode(text: str, vocab: dict[str, int], verbose: bool = False) -> list[int]:
     """Token ids of text (no <bos>) by SentencePiece BPE, as a plain Python loop (chapter 1).
 
     Spaces become "▁"; a character outside the vocabulary becomes one <0xXX> piece per UTF-8
     byte; then the adjacent pair whose merged piece has the smallest id merges, until no
-    adjacent pair forms a piece. The tokenizer does the same, much faster.
+    adjacent pair forms a piece. The tokenizer does the same, much faster. ``verbose`` prints
+    the pieces before each merge.
     """
     symbols = []
     for char in text.replace(" ", "▁"):
         symbols += [char] if char in vocab else [f"<0x{byte:02X}>" for byte in char.encode("utf-8")]
     while True:
+        if verbose:
+            print(" ".join(symbols))
         pairs = [(vocab[a + b], i) for i, (a, b) in enumerate(itertools.pairwise(symbols)) if a + b in vocab]
         if not pairs:
             return [vocab[s] for s in symbols]

@@ -12,7 +12,7 @@ import linecache
 import pytest
 import torch
 
-from gemma_lite import checks, layers, workbook
+from gemma_lite import GemmaConfig, checks, layers, workbook
 from gemma_lite.__main__ import main
 
 _cells = itertools.count()
@@ -195,3 +195,43 @@ def test_cli_lists_diffs_and_resets_with_confirmation(book, capsys, monkeypatch)
     assert not path.exists() and "Deleted 1 piece(s)" in capsys.readouterr().out
     assert main(["workbook", "--reset", "NoSuchPiece", "--yes"]) == 2
     assert "no piece named 'NoSuchPiece'" in capsys.readouterr().err
+
+
+def test_reference_pieces_with_the_exercises_signatures_agree_with_the_package():
+    from helpers import random_model
+
+    from gemma_lite.generate import generate_ids, next_token_probs
+    from gemma_lite.tokenizer import bpe_encode
+
+    positions = torch.arange(7)
+    torch.testing.assert_close(layers.causal_mask(7), layers.attention_mask(positions, positions)[0, 0])
+    assert layers.sliding_window_mask(7, 3).sum(-1).tolist() == [1, 2, 3, 3, 3, 3, 3]
+    model = random_model()
+    ids = torch.tensor([[5, 6, 7]])
+    new = generate_ids(model, ids, 5)
+    greedy = ids
+    for _ in range(5):
+        greedy = torch.cat([greedy, model(greedy)[:, -1:].argmax(-1)], dim=1)
+    assert new == greedy[0, 3:].tolist()
+    probs = next_token_probs(torch.tensor([[2.0, 1.0, 0.0, -5.0]]), temperature=1.0, top_k=2)
+    assert probs[0, 2:].tolist() == [0.0, 0.0] and abs(probs.sum().item() - 1) < 1e-6
+    vocab = {"a": 0, "b": 1, "ab": 2, "▁": 3, "<0x21>": 4}
+    assert bpe_encode("ab !", vocab) == [2, 3, 4]
+
+
+def test_attention_weights_are_the_rows_the_output_averages_over():
+    cfg = GemmaConfig.tiny()
+    torch.manual_seed(0)
+    for is_global in (False, True):
+        attention = layers.Attention(cfg, is_global).eval()
+        x, positions = torch.randn(2, 20, cfg.d_model), torch.arange(20)
+        rope = layers.RotaryEmbedding(cfg.head_dim, 1e4)(positions, x.dtype)
+        weights = attention.weights(x, rope, positions)  # (B, H, T, T)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, cfg.n_heads, 20))
+        assert (weights[..., 0, 1:] == 0).all(), "causal: the first token sees only itself"
+        if not is_global:
+            assert (weights[..., -1, : 20 - cfg.sliding_window] == 0).all(), "the window hides old keys"
+        _, _, v = attention.heads(x, rope)
+        v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+        out = attention.o_proj((weights @ v).transpose(1, 2).reshape(2, 20, -1))
+        torch.testing.assert_close(out, attention(x, rope, positions), atol=1e-5, rtol=1e-4)
