@@ -213,6 +213,11 @@ def sliding_window_mask(T: int, window: int) -> torch.Tensor:
     return attention_mask(positions, positions, window)[0, 0]
 
 
+def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(T, S) bool for queries at query_pos (T,) and keys at key_pos (S,); a key at -1 is an empty slot."""
+    return attention_mask(query_pos, key_pos, window)[0, 0]
+
+
 def tree_mask(
     slots: torch.Tensor, key_pos: torch.Tensor, tree: TokenTree, window: int | None = None
 ) -> torch.Tensor:
@@ -279,50 +284,66 @@ class Attention(nn.Module):
         masks: dict[str, torch.Tensor] | None = None,  # shared by the layers of one pass: see below
         tree: TokenTree | None = None,  # the new tokens form a tree (rope already at their depths)
     ) -> torch.Tensor:  # (B, T, C)
-        B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.heads(x, rope)
-
-        if cache is None:
-            keys, values, key_pos = k, v, input_pos
-        else:
-            keys, values, key_pos = cache.update(k, v, input_pos)  # (B, K, S, D), ..., (S,)
-
-        # The G = H / K query heads that share one key/value head are stacked as
-        # G*T rows against that head: no copy of the keys, one matmul per group.
-        G = H // K
-        q = q.reshape(B, K, G * T, D)
-        kind = "local" if self.window is not None else "global"
-        mask = None if masks is None else masks.get(kind)
-        if mask is None:  # built once per kind: every layer of a kind attends to the same key positions
-            mask = attention_mask(input_pos, key_pos, self.window, valid_from, tree)  # (B|1, 1, T, S)
-            mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
-            if masks is not None:
-                masks[kind] = mask
-        if T == 1:  # a decode step: one query row per head
-            out = one_query_attention(q, keys, values, mask, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-        return self.o_proj(out)
-
-
-    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C): QK-norm, then RoPE."""
-        B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        return cached_attention(self, x, rope, input_pos, cache, valid_from, masks, tree)
 
     def weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], input_pos: torch.Tensor):
         """The attention weights of x over itself, no cache: (B, H, T, T), each row sums to 1 (chapter 4)."""
-        q, k, _ = self.heads(x, rope)
+        q, k, _ = attention_heads(self, x, rope)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, T, D)
         scores = q @ k.transpose(-2, -1) * self.scale  # (B, H, T, T)
         allowed = attention_mask(input_pos, input_pos, self.window)  # (1, 1, T, T)
         return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def attention_heads(attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C): QK-norm, then RoPE.
+
+    ``attn`` is any module with Attention's parameters and sizes (yours from exercise 4 too).
+    """
+    B, T, _ = x.shape
+    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q = attn.q_norm(attn.q_proj(x).view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
+    k = attn.k_norm(attn.k_proj(x).view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
+    v = attn.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+
+def cached_attention(
+    attn: nn.Module,  # an Attention, or any module with its parameters, window and scale
+    x: torch.Tensor,  # (B, T, C)
+    rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (T, D)
+    input_pos: torch.Tensor,  # (T,)
+    cache=None,  # a layer cache (update(k, v, input_pos) -> keys, values, key_pos), or None
+    valid_from: torch.Tensor | None = None,  # (B,)
+    masks: dict[str, torch.Tensor] | None = None,  # shared by the layers of one pass: see below
+    tree: TokenTree | None = None,  # the new tokens form a tree (rope already at their depths)
+) -> torch.Tensor:  # (B, T, C)
+    """Attention of the new tokens x over the cache's keys and their own (exercise 9's piece)."""
+    B, T, _ = x.shape
+    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    q, k, v = attention_heads(attn, x, rope)
+    if cache is None:
+        keys, values, key_pos = k, v, input_pos
+    else:
+        keys, values, key_pos = cache.update(k, v, input_pos)  # (B, K, S, D), ..., (S,)
+
+    # The G = H / K query heads that share one key/value head are stacked as
+    # G*T rows against that head: no copy of the keys, one matmul per group.
+    G = H // K
+    q = q.reshape(B, K, G * T, D)
+    kind = "local" if attn.window is not None else "global"
+    mask = None if masks is None else masks.get(kind)
+    if mask is None:  # built once per kind: every layer of a kind attends to the same key positions
+        mask = attention_mask(input_pos, key_pos, attn.window, valid_from, tree)  # (B|1, 1, T, S)
+        mask = mask.repeat(1, 1, G, 1)  # rows ordered (group head, token) like q
+        if masks is not None:
+            masks[kind] = mask
+    if T == 1:  # a decode step: one query row per head
+        out = one_query_attention(q, keys, values, mask, attn.scale)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+    out = out.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    return attn.o_proj(out)
 
 
 class GeGLU(nn.Module):

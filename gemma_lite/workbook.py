@@ -87,6 +87,7 @@ PIECES = {
             "check_sliding_window_mask",
             "gemma_lite.layers:sliding_window_mask",
         ),
+        Piece("window_mask", "04_attention", "check_window_mask", "gemma_lite.layers:window_mask"),
         Piece("Attention", "04_attention", "check_attention", "gemma_lite.layers:Attention"),
         Piece("GeGLU", "05_feedforward_block", "check_geglu", "gemma_lite.layers:GeGLU"),
         Piece("Block", "05_feedforward_block", "check_block", "gemma_lite.layers:Block"),
@@ -97,6 +98,11 @@ PIECES = {
         ),
         Piece("next_token_probs", "07_generation", "check_sampling", "gemma_lite.generate:next_token_probs"),
         Piece("generate", "07_generation", "check_generate", "gemma_lite.generate:generate_ids"),
+        Piece("StaticCache", "09_kv_cache", "check_static_cache", "gemma_lite.kv_cache:GlobalCache"),
+        Piece("RingCache", "09_kv_cache", "check_ring_cache", "gemma_lite.kv_cache:RingCache"),
+        Piece(
+            "cached_attention", "09_kv_cache", "check_cached_attention", "gemma_lite.layers:cached_attention"
+        ),
     )
 }
 

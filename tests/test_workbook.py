@@ -231,7 +231,42 @@ def test_attention_weights_are_the_rows_the_output_averages_over():
         assert (weights[..., 0, 1:] == 0).all(), "causal: the first token sees only itself"
         if not is_global:
             assert (weights[..., -1, : 20 - cfg.sliding_window] == 0).all(), "the window hides old keys"
-        _, _, v = attention.heads(x, rope)
+        _, _, v = layers.attention_heads(attention, x, rope)
         v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
         out = attention.o_proj((weights @ v).transpose(1, 2).reshape(2, 20, -1))
         torch.testing.assert_close(out, attention(x, rope, positions), atol=1e-5, rtol=1e-4)
+
+
+def test_the_cache_checks_pass_the_solutions_and_name_the_usual_mistakes(book, capsys):
+    names = ["StaticCache", "RingCache", "cached_attention"]
+    sources = {n: workbook.solution_source(n) for n in names}
+    ns = {"__name__": "__main__", **workbook.BASE_NAMES, "apply_rope": layers.apply_rope}
+    ns["window_mask"] = layers.window_mask
+    for source in sources.values():
+        run_cell(source, ns)
+    assert checks.check_static_cache(ns["StaticCache"])
+    assert checks.check_ring_cache(ns["RingCache"])
+    assert checks.check_cached_attention(ns["cached_attention"])
+    assert all((book / f"{n}.py").is_file() for n in names)
+    capsys.readouterr()
+
+    only_new = run_cell(
+        sources["StaticCache"].replace("return self.k, self.v, self.slot_pos", "return k, v, input_pos")
+    )
+    assert not checks.check_static_cache(only_new["StaticCache"])
+    assert "return the whole buffer" in capsys.readouterr().out
+    ring = sources["RingCache"]
+    start, end = ring.index("        keys = torch.cat"), ring.index("        n = min")
+    overwrites = run_cell(
+        (ring[:start] + ring[end:]).replace(
+            "return keys, values, key_pos", "return self.k, self.v, self.slot_pos"
+        ),
+        dict(ns),
+    )
+    assert not checks.check_ring_cache(overwrites["RingCache"])
+    assert "a prefill longer than the ring overwrites keys" in capsys.readouterr().out
+    ignores = sources["cached_attention"].replace(
+        "keys, values, key_pos = cache.update(k, v, input_pos)", "keys, values, key_pos = k, v, input_pos"
+    )
+    assert not checks.check_cached_attention(run_cell(ignores, dict(ns))["cached_attention"])
+    assert "attend over what cache.update returns" in capsys.readouterr().out

@@ -50,7 +50,15 @@ from .ch07_generation import (
     check_sequence_logprob,
 )
 from .ch08_memory import check_max_context, check_training_state_bytes
-from .ch09_kv_cache import check_greedy_with_cache, check_ring_contents, check_tokens_processed
+from .ch09_kv_cache import (
+    check_cached_attention,
+    check_greedy_with_cache,
+    check_my_cache,
+    check_ring_cache,
+    check_ring_contents,
+    check_static_cache,
+    check_tokens_processed,
+)
 from .ch10_compile import capped_attention, check_capped_attention, check_write_kv
 from .ch11_quantization import (
     check_gptq_column_step,
@@ -62,6 +70,10 @@ from .ch12_speculative import check_accept_chain, check_expected_speedup, check_
 from .core import FAIL, PASS, TODO, CheckResult, Mismatch
 
 __all__ = [
+    "check_static_cache",
+    "check_ring_cache",
+    "check_my_cache",
+    "check_cached_attention",
     "check_my_gemma",
     "check_gguf_name",
     "check_rotary_embedding",
