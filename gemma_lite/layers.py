@@ -203,14 +203,12 @@ def attention_mask(
 
 def causal_mask(T: int) -> torch.Tensor:
     """(T, T) bool for tokens 0..T-1: query q (row) may attend to key k (column) when k <= q."""
-    positions = torch.arange(T)
-    return attention_mask(positions, positions)[0, 0]
+    return window_mask(torch.arange(T), torch.arange(T), None)
 
 
 def sliding_window_mask(T: int, window: int) -> torch.Tensor:
     """(T, T) bool: causal, and query q sees only the ``window`` keys q - window + 1 .. q."""
-    positions = torch.arange(T)
-    return attention_mask(positions, positions, window)[0, 0]
+    return window_mask(torch.arange(T), torch.arange(T), window)
 
 
 def window_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:

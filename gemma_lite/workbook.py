@@ -215,7 +215,7 @@ def unknown_names(source: str) -> list[str]:
         if isinstance(n, (ast.Import, ast.ImportFrom))
         for a in n.names
     }
-    defined |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arg) for a in [n]}
+    defined |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
     top = set(global_names(compile(source, "<piece>", "exec")))
     loads = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     known = set(dir(builtins)) | set(BASE_NAMES) | set(PIECES) | defined
@@ -348,30 +348,33 @@ def use(*names: str, quiet: bool = False):
     return values[0] if len(values) == 1 else values
 
 
+def calls(functions) -> dict[str, object]:
+    """The function pieces these functions call (names in their code, bound in their globals), by name."""
+    found = {}
+    for fn in functions:
+        names = global_names(fn.__code__)
+        found.update(
+            {n: fn.__globals__[n] for n in PIECES if n in names and inspect.isfunction(fn.__globals__.get(n))}
+        )
+    return {n: found[n] for n in PIECES if n in found}
+
+
 def functions_used(cls) -> dict[str, object]:
-    """The function pieces a class's methods call (their names in its globals), by name."""
-    methods = [f for f in vars(cls).values() if inspect.isfunction(f)]
-    names = set().union(*(global_names(f.__code__) for f in methods)) if methods else set()
-    scope = methods[0].__globals__ if methods else {}
-    return {n: scope[n] for n in PIECES if n in names and inspect.isfunction(scope.get(n))}
+    """The function pieces a class's methods call, by name."""
+    return calls(f for f in vars(cls).values() if inspect.isfunction(f))
 
 
 def pieces_of(model: nn.Module, *functions) -> dict[str, bool]:
     """Every piece a model (and the given functions) is made of: name -> written by the learner."""
-    found: dict[str, bool] = {}
-    for fn in functions:
-        found[getattr(fn, "__name__", repr(fn))] = is_learners(fn)
+    found = {getattr(fn, "__name__", repr(fn)): is_learners(fn) for fn in functions}
+    called = calls(fn for fn in functions if inspect.isfunction(fn))
     for module in model.modules():
         cls = type(module)
         if cls.__name__ in PIECES or is_learners(cls):
             found.setdefault(cls.__name__, is_learners(cls))
-            for name, fn in functions_used(cls).items():
-                found.setdefault(name, is_learners(fn))
-    for fn in functions:
-        scope = getattr(fn, "__globals__", {})
-        for name in global_names(fn.__code__) if hasattr(fn, "__code__") else ():
-            if name in PIECES and inspect.isfunction(scope.get(name)):
-                found.setdefault(name, is_learners(scope[name]))
+            called = {**functions_used(cls), **called}
+    for name, fn in called.items():
+        found.setdefault(name, is_learners(fn))
     return {n: found[n] for n in [*PIECES, *found] if n in found}
 
 

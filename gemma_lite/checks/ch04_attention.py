@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GemmaConfig
-from ..layers import Attention, RotaryEmbedding, apply_rope, attention_mask
+from ..layers import Attention, RotaryEmbedding, apply_rope, attention_mask, causal_mask, window_mask
 from .core import build_like, check, compare_modules, expect_close, expect_equal, expect_mask, randomize_norms
 
 
@@ -20,7 +20,7 @@ from .core import build_like, check, compare_modules, expect_close, expect_equal
 def check_causal_mask(fn: Callable[[int], torch.Tensor]) -> str:
     """fn(T) -> (T, T) bool, True where query q may attend to key k (k <= q)."""
     for T in (1, 6):
-        expected = attention_mask(torch.arange(T), torch.arange(T))[0, 0]
+        expected = causal_mask(T)
         causes = [
             ("rows are queries and columns keys: you built the transpose", lambda e=expected: e.T),
             ("a token also attends to itself: key <= query", lambda e=expected: e.tril(-1)),
@@ -53,7 +53,7 @@ def check_sliding_window_mask(fn: Callable[[int, int], torch.Tensor]) -> str:
                 functools.partial(lambda p, w: _window_variant(p, p, w).T, pos, window),
             ),
         ]
-        expected = attention_mask(pos, pos, window)[0, 0]
+        expected = window_mask(pos, pos, window)
         expect_mask(fn(T, window), expected, f"sliding_window_mask({T}, {window})", causes)
     return "causal, and each query sees exactly `window` keys (itself included)"
 
@@ -161,9 +161,7 @@ def check_window_mask(fn) -> str:
             ),
         ]
         what = f"window_mask({query_pos.tolist()}, {key_pos.tolist()}, {window})"
-        expect_mask(
-            fn(query_pos, key_pos, window), attention_mask(query_pos, key_pos, window)[0, 0], what, causes
-        )
+        expect_mask(fn(query_pos, key_pos, window), window_mask(query_pos, key_pos, window), what, causes)
     return "works on any positions: ring slots, empty slots and global layers"
 
 
@@ -181,7 +179,7 @@ def _grouped_sdpa(q, k, v, mask, scale):
 def check_grouped_attention(fn) -> str:
     """fn(q (B, H, T, D), k, v (B, K, S, D), mask (T, S) bool, scale) -> (B, H, T, D)."""
     q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
-    mask = attention_mask(torch.arange(2, 7), torch.arange(7), 3)[0, 0]
+    mask = window_mask(torch.arange(2, 7), torch.arange(7), 3)
     scale = 0.3
 
     def plain(kv_map, use_mask=True, s=scale):

@@ -148,7 +148,7 @@ def _attend(q: torch.Tensor, keys, values, key_pos, query_pos, window) -> torch.
     return scores.softmax(-1) @ values  # (B, K, T, D)
 
 
-def _replay(cache, steps, window, history_only=False):
+def _replay(cache, steps, window):
     """Feed ``steps`` (k, v, positions) to a cache; each step's attention output from its answer."""
     outputs = []
     for k, v, pos in steps:
