@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .devices import dtype_name
-from .fast import DecodePlan, kernel_layers, time_calls
+from .fast import DecodePlan, ShapeTiming, kernel_layers, time_calls
 from .generate import Generator
 from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
 from .quantize import quant_scheme
@@ -399,8 +399,13 @@ def profile_decode(model, tokenizer, plan: DecodePlan, steps: int = 32, prompt: 
     trivial = torch.compile(torch.neg, dynamic=False)
     call_s = time_calls({"call": lambda: trivial(one)}, rounds=5, device=model.device)["call"]
     chosen = plan.chosen(compiled=True)
-    products_ms = 1e3 * sum(t.layers * (t.seconds() - call_s) for t in chosen)
-    head_ms = 1e3 * sum(t.layers * (t.seconds() - call_s) for t in chosen if t.out_features == plan.head_rows)
+
+    def product_ms(t: ShapeTiming) -> float:
+        # On a tiny matrix the product is lost in the call cost's noise: it costs at least nothing.
+        return 1e3 * t.layers * max(0.0, t.seconds() - call_s)
+
+    products_ms = sum(map(product_ms, chosen))
+    head_ms = sum(product_ms(t) for t in chosen if t.out_features == plan.head_rows)
     weight_bytes = stored_bytes(model)
     bandwidth = read_bandwidth(model.device)
     bound_ms = weight_bytes / bandwidth / 1e6

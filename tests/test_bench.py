@@ -115,7 +115,7 @@ def test_profile_splits_the_step_into_weight_products_and_the_rest(quant):
     assert f"weights {quant}" in report
     products = float(re.search(r"weight products .*?([-\d.]+) ms", report).group(1))
     rest = float(re.search(r"everything else .*?([-\d.]+) ms", report).group(1))
-    assert 0 < products < 1e3 * plan.matmul_seconds(compiled=True)  # less each call's fixed cost
+    assert 0 <= products < 1e3 * plan.matmul_seconds(compiled=True)  # less each call's fixed cost
     assert products + rest == pytest.approx(ms, abs=0.15)
 
 
