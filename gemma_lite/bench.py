@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .devices import dtype_name
+from .devices import device_of, dtype_name, dtype_of
 from .fast import DecodePlan, ShapeTiming, kernel_layers, time_calls
 from .generate import Generator
 from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
@@ -103,10 +103,10 @@ def decode_read_bytes(model) -> int:
 
 
 def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s, per_round=0.0) -> BenchRow:
-    device = model.device
+    device = device_of(model)
     return BenchRow(
         mode=mode,
-        dtype=dtype_name(model.dtype),
+        dtype=dtype_name(dtype_of(model)),
         device=str(device),
         new_tokens=new_tokens,
         decode_tok_s=round(decode, 2),
@@ -144,7 +144,8 @@ def bench_ours(
     draft_len: int = 4,
     width: int = 1,
 ) -> BenchRow:
-    """Time one of MODES or SPEC_MODES. ``generators`` keeps compiled generators between calls.
+    """Time one of MODES or SPEC_MODES. ``generators`` keeps compiled generators between calls;
+    a generator put there under a name of its own (a ``StepGenerator``) is timed as that mode.
 
     ``read_gb_s``: the device's read bandwidth, for the roofline columns.
     ``draft_len``, ``width``: the speculative modes' tokens per candidate and candidates per round.
@@ -153,7 +154,7 @@ def bench_ours(
     if mode not in generators:
         generators[mode] = make_generator(model, tokenizer, mode, draft_len, width)
     gen = generators[mode]
-    with PeakMemory(model.device) as mem:
+    with PeakMemory(device_of(model)) as mem:
         # warm-up (compiles on first use); with a cache, the same length gives the same cache shape
         warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
         results = [gen(prompt, new_tokens, stop_at_eos=False) for _ in range(runs)]

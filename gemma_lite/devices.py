@@ -5,6 +5,7 @@
     default_dtype(device)          fp32 on CPU and MPS, bf16 on CUDA when supported
     resolve_dtype("bf16", device)  a name, a torch.dtype or None -> one of DTYPES
     dtype_name(torch.bfloat16)     "bfloat16", the name the tables and files use
+    device_of(model)               where a module's weights live (dtype_of: their dtype)
 """
 
 from __future__ import annotations
@@ -68,3 +69,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights live: its first parameter's device."""
+    return next(module.parameters()).device
+
+
+def dtype_of(module: torch.nn.Module) -> torch.dtype:
+    """A module's activations' dtype: its first parameter's (the norms', when matrices are quantized)."""
+    return next(module.parameters()).dtype

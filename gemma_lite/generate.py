@@ -19,8 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from .devices import device_of
 from .kv_cache import KVCache
+from .layers import cached_attention
 from .model import Gemma
 
 # ---------------------------------------------------------------- sampling
@@ -170,6 +174,30 @@ def decode_one(
     return model(token, input_pos, cache, valid_from, check_inputs=False)[:, -1]
 
 
+def decode_step(
+    model: nn.Module,
+    ids: torch.Tensor,  # (B, T) the new tokens
+    input_pos: torch.Tensor,  # (T,) their positions
+    caches: Sequence[nn.Module],  # one cache per layer: update(k, v, input_pos) -> keys, values, key_pos
+    attend: Callable = cached_attention,
+) -> torch.Tensor:
+    """The new tokens through the model over per-layer caches -> logits of the last position (B, V).
+
+    Module by module, so it runs any model with Gemma's submodules (a learner's
+    ``Gemma3`` of exercise 6 as well as ``Gemma``) with any caches that have
+    ``update``. A prompt fills the caches (the prefill); one token at a tensor
+    position is the decode step that compiles once (exercise 10's capstone).
+    """
+    x = model.tok_embed(ids)  # (B, T, C)
+    rope = {kind: model.rope[kind](input_pos, x.dtype) for kind in ("local", "global")}
+    for block, cache in zip(model.blocks, caches, strict=True):
+        x = x + block.post_attn_norm(
+            attend(block.attn, block.attn_norm(x), rope[block.kind], input_pos, cache)
+        )
+        x = x + block.post_ffn_norm(block.ffn(block.ffn_norm(x)))
+    return F.linear(model.final_norm(x[:, -1]), model.tok_embed.weight)  # tied head, (B, V)
+
+
 class IncrementalText:
     """Decodes a growing list of token ids a few at a time: linear, not quadratic.
 
@@ -289,7 +317,7 @@ class Generator:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.use_cache, self.compile = use_cache, compile
-        self.device = model.device
+        self.device = device_of(model)
         if compile_mode is None and self.device.type == "cuda" and use_cache:
             compile_mode = "reduce-overhead"  # CUDA graphs: one launch per decode step
         self.compile_mode = compile_mode
@@ -307,12 +335,16 @@ class Generator:
         Sizes are powers of two (256 at least): each new size is a new shape for
         the compiled step, and powers of two keep that to 8 sizes up to 32k.
         """
-        max_len = min(self.model.cfg.max_seq_len, max(256, 1 << (length - 1).bit_length()))
+        max_len = self.cache_len(length)
         cache = self._cache
         if cache is None or cache.max_len != max_len or cache.layers[0].k.shape[0] != batch:
             self._cache = cache = self.model.new_cache(batch, max_len, slack=self.cache_slack)
         cache.reset()
         return cache
+
+    def cache_len(self, length: int) -> int:
+        """The cache size for ``length`` positions: the next power of two, 256 at least."""
+        return min(self.model.cfg.max_seq_len, max(256, 1 << (length - 1).bit_length()))
 
     def step_fn(self) -> Callable:
         if not self.compile:
@@ -493,3 +525,48 @@ def generate(model: Gemma, tokenizer, prompt, max_new_tokens: int = 64, **kwargs
     result = Generator(model, tokenizer, **options)(prompt, max_new_tokens, **kwargs)
     single = isinstance(prompt, str) or (len(prompt) and isinstance(prompt[0], int))
     return result.text[0] if single else result.text
+
+
+@dataclass
+class LayerCaches:
+    """The per-layer caches of a ``StepGenerator``'s generation, and their size."""
+
+    layers: list[nn.Module]
+    max_len: int
+
+
+class StepGenerator(Generator):
+    """``Generator`` around a decode step written as a function, with caches made by a function.
+
+    ``step(model, ids (B, T), input_pos (T,), caches) -> logits (B, V)`` has the
+    signature of ``decode_step``: it runs the prompt eagerly (the prefill) and,
+    with ``compile=True``, each one-token step compiled for fixed shapes
+    (``fullgraph=True``, ``dynamic=False``: once per batch and cache size).
+    ``new_caches(batch, max_len)`` gives one cache per layer, fresh for every
+    generation. The sampling, stopping, streaming and timing are ``Generator``'s,
+    so the benchmark times it like its own modes. Prompts of one length only
+    (no left padding).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer, step: Callable, new_caches: Callable, *, compile: bool = True
+    ):
+        super().__init__(model, tokenizer, compile=compile, compile_mode="default")
+        self.step, self.new_caches = step, new_caches
+
+    def cache_for(self, batch: int, length: int) -> LayerCaches:
+        max_len = self.cache_len(length)
+        return LayerCaches(list(self.new_caches(batch, max_len)), max_len)
+
+    def step_fn(self) -> Callable:
+        if self._compiled_step is None:
+            step = torch.compile(self.step, fullgraph=True, dynamic=False) if self.compile else self.step
+            self._compiled_step = lambda model, token, position, cache, _valid_from: step(
+                model, token, position, cache.layers
+            )
+        return self._compiled_step
+
+    def last_logits(self, ids, valid_from, cache, check_inputs: bool = True) -> torch.Tensor:
+        if valid_from is not None:
+            raise ValueError("StepGenerator runs prompts of one length: give prompts with equal token counts")
+        return self.step(self.model, ids, torch.arange(ids.shape[1], device=self.device), cache.layers)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import GemmaConfig
+from .devices import device_of, dtype_of
 from .kv_cache import KVCache
 from .layers import Block, RMSNorm, RotaryEmbedding, ScaledEmbedding, TokenTree
 
@@ -33,12 +34,12 @@ class Gemma(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return device_of(self)
 
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype: the parameters' (the norms', when the matrices are quantized)."""
-        return next(self.parameters()).dtype
+        return dtype_of(self)
 
     def num_parameters(self) -> int:
         """Unique parameters (the output head shares the embedding matrix)."""

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from matplotlib.figure import Figure
 
-from .bench import DEFAULT_PROMPT, MODES, BenchRow, format_table, run_benchmark
-from .devices import DTYPE_NAMES, DTYPES, available_devices
-from .measure import MB
+from .bench import DEFAULT_PROMPT, MODES, BenchRow, bench_ours, format_table, run_benchmark
+from .devices import DTYPE_NAMES, DTYPES, available_devices, device_of, dtype_name, dtype_of
+from .generate import Generator
+from .measure import MB, read_bandwidth
 
 ModelFor = Callable[[str, torch.dtype], tuple]  # (device, dtype) -> (model, tokenizer)
 
@@ -51,8 +52,7 @@ class Settings:
     runs: int = 1
 
     def __post_init__(self) -> None:
-        unknown = set(self.modes) - set(MODES)
-        if not self.modes or unknown:
+        if not self.modes:
             raise ValueError(f"choose one or more modes from {', '.join(MODES)}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype}")
@@ -89,15 +89,44 @@ class BenchmarkSession:
     """Runs the benchmark for a dashboard (or a test) and keeps every run for comparison.
 
     ``model_for(device, dtype)`` gives (model, tokenizer); models are kept
-    between runs, one per (device, dtype). ``stop()`` may be called from
-    another thread: the benchmark stops before its next row.
+    between runs, one per (device, dtype). ``add_mode`` adds a mode of your
+    own: a generator (such as a ``StepGenerator`` around your decode step) on
+    its own model, timed beside the package's modes. ``stop()`` may be called
+    from another thread: the benchmark stops before its next row.
     """
 
     def __init__(self, model_for: ModelFor = load_for_benchmark, prompt: str = DEFAULT_PROMPT):
         self.model_for, self.prompt = model_for, prompt
         self.runs: list[Run] = []
         self._models: dict[tuple[str, torch.dtype], tuple] = {}
+        self.own_modes: dict[str, Generator] = {}
         self._stop = threading.Event()
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Every mode this session can time: the package's, then those added with ``add_mode``."""
+        return (*MODES, *self.own_modes)
+
+    def add_mode(self, name: str, generator: Generator) -> None:
+        """Time ``generator`` as one more mode, ``name``, on its own model's device and dtype."""
+        if name in MODES:
+            raise ValueError(f"'{name}' is one of the package's modes: give yours another name")
+        self.own_modes[name] = generator
+
+    def check(self, settings: Settings) -> None:
+        """A ValueError that says what to change if ``settings`` cannot run in this session."""
+        unknown = [m for m in settings.modes if m not in self.modes]
+        if unknown:
+            raise ValueError(f"unknown mode {unknown[0]!r}: choose from {', '.join(self.modes)}")
+        for name in settings.modes:
+            if name in self.own_modes:
+                model = self.own_modes[name].model
+                where = (device_of(model).type, dtype_name(dtype_of(model)))
+                if where != (torch.device(settings.device).type, settings.dtype):
+                    raise ValueError(
+                        f"'{name}' runs its model where it was loaded, on {where[0]} in {where[1]}: "
+                        f"choose those, or leave '{name}' out"
+                    )
 
     def add_model(self, model, tokenizer) -> None:
         """Reuse a model that is already loaded (no second copy in memory)."""
@@ -120,18 +149,42 @@ class BenchmarkSession:
             if on_row is not None:
                 on_row(run, row)
 
+        self.check(settings)
         dtype = DTYPES[settings.dtype]
+        package = [m for m in settings.modes if m in MODES]
+        own = [m for m in settings.modes if m in self.own_modes]
         try:
-            run_benchmark(
-                lambda d, _quant: self.model(settings.device, d),
-                settings.modes,
-                [dtype],
-                settings.new_tokens,
-                runs=settings.runs,
-                prompt=self.prompt,
-                on_row=row_ready,
-                should_stop=self._stop.is_set,
-            )
+            if package:
+                run_benchmark(
+                    lambda d, _quant: self.model(settings.device, d),
+                    package,
+                    [dtype],
+                    settings.new_tokens,
+                    runs=settings.runs,
+                    prompt=self.prompt,
+                    on_row=row_ready,
+                    should_stop=self._stop.is_set,
+                )
+            read_gb_s = run.rows[0].read_gb_s if run.rows else float("nan")
+            for n in settings.new_tokens:
+                for name in own:
+                    if self._stop.is_set():
+                        return run
+                    if read_gb_s != read_gb_s:
+                        read_gb_s = read_bandwidth(torch.device(settings.device))
+                    gen = self.own_modes[name]
+                    row_ready(
+                        bench_ours(
+                            gen.model,
+                            gen.tokenizer,
+                            name,
+                            n,
+                            self.prompt,
+                            settings.runs,
+                            self.own_modes,
+                            read_gb_s,
+                        )
+                    )
         finally:
             run.finished = True
         return run
@@ -143,7 +196,7 @@ class BenchmarkSession:
 
     def series(self) -> list[str]:
         """The names of the plotted series: "<run label>: <mode>"."""
-        return [f"{run.label}: {mode}" for run in self.runs for mode in _modes(run.rows)]
+        return [f"{run.label}: {mode}" for run in self.runs for mode in self._modes(run.rows)]
 
     def table(self) -> str:
         return "\n\n".join(
@@ -162,7 +215,7 @@ class BenchmarkSession:
         fig = Figure(figsize=(13, 3.8), layout="constrained")
         speed, length, memory = fig.subplots(1, 3)
         runs = [run for run in self.runs if run.rows]
-        modes = [m for m in MODES if any(r.mode == m for run in runs for r in run.rows)]
+        modes = self._modes([r for run in runs for r in run.rows])
         width = 0.8 / max(1, len(runs))
         for k, run in enumerate(runs):
             longest = {r.mode: r for r in run.rows if r.new_tokens == max(x.new_tokens for x in run.rows)}
@@ -179,7 +232,7 @@ class BenchmarkSession:
                 else:  # far above the bars: drawing it would flatten them, so it is only named
                     speed.plot([], [], label=f"{label} (above the chart)", **style)
             memory.bar(xs, [longest[m].peak_mem_bytes / MB for m in shown], width, label=run.label)
-            for mode in _modes(run.rows):
+            for mode in self._modes(run.rows):
                 rows = sorted((r for r in run.rows if r.mode == mode), key=lambda r: r.new_tokens)
                 length.plot(
                     [r.new_tokens for r in rows],
@@ -210,6 +263,10 @@ class BenchmarkSession:
             speed.legend(fontsize="small")
         return fig
 
+    def _modes(self, rows: Sequence[BenchRow]) -> list[str]:
+        """The modes of ``rows``, in the order of ``modes``."""
+        return [m for m in self.modes if any(r.mode == m for r in rows)]
+
     def figure_png(self) -> bytes:
         buffer = io.BytesIO()
         self.figure().savefig(buffer, format="png", dpi=80)
@@ -223,10 +280,6 @@ class BenchmarkSession:
             f'<img class="gemma-lite-plot" alt="benchmark plot: {series}" data-series="{series}" '
             f'style="max-width:100%" src="data:image/png;base64,{png}"/>'
         )
-
-
-def _modes(rows: Sequence[BenchRow]) -> list[str]:
-    return [m for m in MODES if any(r.mode == m for r in rows)]
 
 
 def _in_notebook() -> bool:
@@ -262,7 +315,7 @@ class BenchmarkDashboard:
         self.dtype = w.Dropdown(options=DTYPE_NAMES, value=s.dtype, description="dtype")
         self.modes = {
             m: w.Checkbox(value=m in s.modes, description=m, indent=False, layout=w.Layout(width="160px"))
-            for m in MODES
+            for m in self.session.modes
         }
         self.lengths = w.Text(value=", ".join(map(str, s.new_tokens)), description="new tokens")
         self.runs = w.BoundedIntText(value=s.runs, min=1, max=10, description="runs")
@@ -299,6 +352,7 @@ class BenchmarkDashboard:
     def on_run(self, _button=None) -> None:
         try:
             settings = self.read_settings()
+            self.session.check(settings)
         except ValueError as e:
             self.status.value = f"<b>Cannot run:</b> {html.escape(str(e))}"
             return

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ PIECES = {
         Piece(
             "cached_attention", "09_kv_cache", "check_cached_attention", "gemma_lite.layers:cached_attention"
         ),
+        Piece("decode_step", "10_torch_compile", "check_decode_step", "gemma_lite.generate:decode_step"),
     )
 }
 
@@ -298,10 +300,16 @@ class Choice:
 
 def _load_file(piece: Piece, path: Path, folder: Path, loading: tuple[str, ...]):
     source = path.read_text()
-    namespace = {"__name__": f"workbook.{piece.name}", "__file__": str(path), **BASE_NAMES}
+    # A real module in sys.modules: torch.compile imports a function's module by its name.
+    module = types.ModuleType(f"workbook.{piece.name}")
+    module.__file__ = str(path)
+    namespace = vars(module)
+    namespace.update(BASE_NAMES)
     for dep in needs(source):
         if dep != piece.name:
             namespace[dep] = choose(dep, folder, loading + (piece.name,)).value
+    sys.modules.setdefault("workbook", types.ModuleType("workbook"))
+    sys.modules[module.__name__] = module
     exec(compile(source, str(path), "exec"), namespace)
     if piece.name not in namespace:
         raise WorkbookError(f"{path} does not define {piece.name}")

@@ -14,12 +14,12 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fails, passes, todo
+from helpers import fails, passes, tiny_model_for, todo
 
 from gemma_lite import checks
 from gemma_lite.checks import ch06_model
 from gemma_lite.config import GemmaConfig
-from gemma_lite.generate import apply_repetition_penalty, filter_logits
+from gemma_lite.generate import Generator, StepGenerator, apply_repetition_penalty, filter_logits
 from gemma_lite.layers import (
     Attention,
     Block,
@@ -63,6 +63,10 @@ def test_unfinished_code_is_not_done_yet(name, tokenizer, capsys):
         args = (todo, todo)
     if name == "check_my_cache":  # the capstone: a model, then the learner's two caches and attention
         args = (Gemma(GemmaConfig.tiny()), todo, todo, todo, tokenizer)
+    if name == "check_my_compiled_gemma":  # the capstone: a generator around the learner's step
+        model, chars = tiny_model_for()
+        caches = lambda batch, max_len: list(model.new_cache(batch, max_len).layers)  # noqa: E731
+        args = (StepGenerator(model, chars, todo, caches), Generator(model, chars), "hello")
     result = getattr(checks, name)(*args)
     out = capsys.readouterr().out
     assert not result and not result.done

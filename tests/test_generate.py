@@ -12,7 +12,9 @@ from gemma_lite.generate import (
     IncrementalText,
     RowTracker,
     Sampling,
+    StepGenerator,
     apply_repetition_penalty,
+    decode_step,
     filter_logits,
     generate,
 )
@@ -21,6 +23,11 @@ from gemma_lite.generate import (
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model_for()
+
+
+def package_caches(model: Gemma):
+    """``new_caches`` for a StepGenerator: the package's caches, one per layer."""
+    return lambda batch, max_len: list(model.new_cache(batch, max_len).layers)
 
 
 # ---------------------------------------------------------------- sampling rules
@@ -241,3 +248,28 @@ def test_bf16_generation_peak_memory_under_1gb():
     peak_kib = int(out.stdout.strip().splitlines()[-1])
     print(f"bf16 generation peak: {peak_kib / 1024:.0f} MiB")
     assert peak_kib * 1024 < 1e9
+
+
+# ---------------------------------------------------------------- a decode step of one's own
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.compile)])
+def test_a_step_generator_chooses_the_generators_tokens(tiny, compile):
+    model, tokenizer = tiny
+    prompt = "a prompt longer than the window"  # the tiny model's window is 8: the rings wrap
+    step = decode_step
+    if compile:
+        step = lambda *args: decode_step(*args)  # noqa: E731 (a function of its own to compile)
+    mine = StepGenerator(model, tokenizer, step, package_caches(model), compile=compile)
+    expected = Generator(model, tokenizer)(prompt, 12, stop_at_eos=False)
+    for _ in range(2):  # a second generation gets fresh caches
+        got = mine(prompt, 12, stop_at_eos=False)
+        assert got.new_ids == expected.new_ids
+    assert len(got.step_times) == 11 and got.decode_tok_s > 0
+
+
+def test_a_step_generator_refuses_prompts_of_different_lengths(tiny):
+    model, tokenizer = tiny
+    mine = StepGenerator(model, tokenizer, decode_step, package_caches(model), compile=False)
+    with pytest.raises(ValueError, match="prompts of one length"):
+        mine(["short", "a longer one"], 4)

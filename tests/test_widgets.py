@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 from helpers import PYTHON, REPO_ROOT, python_env, tiny_model_for
 
+from gemma_lite.generate import Generator, StepGenerator, decode_step
 from gemma_lite.widgets import BenchmarkDashboard, BenchmarkSession, Settings, parse_lengths, run_in_terminal
 
 FAST = Settings(modes=("regular", "kv"), new_tokens=(4, 8), runs=1)
@@ -158,3 +160,30 @@ def test_show_in_a_plain_script_runs_the_text_fallback(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "[1/1] kv" in out.stdout and "plot saved to plot.png" in out.stdout
     assert (tmp_path / "plot.png").is_file()
+
+
+def test_a_mode_of_ones_own_is_timed_and_plotted_beside_the_packages(session):
+    model, tokenizer = session.model("cpu", torch.float32)
+    caches = lambda batch, max_len: list(model.new_cache(batch, max_len).layers)  # noqa: E731
+    session.add_mode("yours", StepGenerator(model, tokenizer, decode_step, caches, compile=False))
+    run = session.run(Settings(modes=("kv", "yours"), new_tokens=(4, 8), runs=1))
+    assert [(r.mode, r.new_tokens) for r in run.rows] == [("kv", 4), ("kv", 8), ("yours", 4), ("yours", 8)]
+    assert all(r.decode_tok_s > 0 and r.read_gb_s == run.rows[0].read_gb_s for r in run.rows)
+    assert session.series() == ["#1 cpu float32: kv", "#1 cpu float32: yours"]
+    assert "yours" in session.table() and session.figure_png().startswith(b"\x89PNG")
+    dash = BenchmarkDashboard(session, Settings(modes=("yours",), new_tokens=(4,)))
+    assert "yours" in dash.modes and dash.modes["yours"].value
+
+
+def test_a_mode_of_ones_own_says_what_to_change(session):
+    model, tokenizer = session.model("cpu", torch.float32)
+    with pytest.raises(ValueError, match="one of the package's modes"):
+        session.add_mode("kv", Generator(model, tokenizer))
+    session.add_mode("yours", Generator(model, tokenizer))
+    with pytest.raises(ValueError, match="runs its model where it was loaded, on cpu in float32"):
+        session.run(Settings(dtype="bfloat16", modes=("yours",), new_tokens=(4,)))
+    with pytest.raises(ValueError, match="unknown mode 'mine': choose from regular, .*, yours"):
+        session.run(Settings(modes=("mine",), new_tokens=(4,)))
+    dash = BenchmarkDashboard(session, Settings(dtype="bfloat16", modes=("yours",), new_tokens=(4,)))
+    dash.on_run()
+    assert "Cannot run:" in dash.status.value and not dash.run_button.disabled

@@ -12,7 +12,7 @@ import linecache
 import pytest
 import torch
 
-from gemma_lite import GemmaConfig, checks, layers, workbook
+from gemma_lite import Gemma, GemmaConfig, checks, layers, workbook
 from gemma_lite.__main__ import main
 
 _cells = itertools.count()
@@ -270,3 +270,35 @@ def test_the_cache_checks_pass_the_solutions_and_name_the_usual_mistakes(book, c
     )
     assert not checks.check_cached_attention(run_cell(ignores, dict(ns))["cached_attention"])
     assert "attend over what cache.update returns" in capsys.readouterr().out
+
+
+@pytest.mark.compile
+def test_the_decode_step_check_passes_the_solution_and_its_saved_pieces_compile(book, capsys):
+    source = workbook.solution_source("decode_step")
+    ns = run_cell(
+        source, {"__name__": "__main__", **workbook.BASE_NAMES, "cached_attention": layers.cached_attention}
+    )
+    assert checks.check_decode_step(ns["decode_step"])
+    assert (book / "decode_step.py").is_file()
+    capsys.readouterr()
+    whole = run_cell(source.replace("x[:, -1]", "x"), dict(ns))
+    assert not checks.check_decode_step(whole["decode_step"])
+    assert "the logits of the last position only" in capsys.readouterr().out
+
+    # Saved pieces are modules torch.compile can import by name: the cache and the step compile.
+    solution_pieces(book, ["cached_attention", "StaticCache"])
+    StaticCache, decode_step = workbook.use("StaticCache", "decode_step", quiet=True)
+    assert decode_step.__module__ == "workbook.decode_step"
+    with torch.no_grad():
+        model = checks.core.randomize_norms(Gemma(GemmaConfig.tiny()))
+    caches = [
+        StaticCache(1, model.cfg.n_kv_heads, 16, model.cfg.head_dim, torch.float32, "cpu")
+        for _ in range(model.cfg.n_layers)
+    ]
+    step = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = model(ids)[0, -1]
+        decode_step(model, ids[:, :2], torch.arange(2), caches)
+        got = step(model, ids[:, 2:], torch.tensor([2]), caches)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -59,7 +59,13 @@ from .ch09_kv_cache import (
     check_static_cache,
     check_tokens_processed,
 )
-from .ch10_compile import capped_attention, check_capped_attention, check_write_kv
+from .ch10_compile import (
+    capped_attention,
+    check_capped_attention,
+    check_decode_step,
+    check_my_compiled_gemma,
+    check_write_kv,
+)
 from .ch11_quantization import (
     check_gptq_column_step,
     check_leave_one_out_gain,
@@ -131,4 +137,6 @@ __all__ = [
     "check_weight_bytes",
     "check_window_mask",
     "check_write_kv",
+    "check_decode_step",
+    "check_my_compiled_gemma",
 ]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..calibration import HELDOUT_TEXT
 from ..config import GemmaConfig
+from ..generate import decode_step
 from ..kv_cache import GlobalCache, RingCache
 from ..layers import Attention, RotaryEmbedding, attention_mask, cached_attention
 from ..model import Gemma
@@ -274,18 +274,6 @@ def check_cached_attention(fn) -> str:
     return "local and global layers attend over their cache like gemma_lite.layers.cached_attention"
 
 
-def _cached_logits(model, ids, input_pos, caches, attend) -> torch.Tensor:
-    """The learner's model run over a cache, module by module. ids (1, T) -> logits (1, T, V)."""
-    x = model.tok_embed(ids)
-    rope = {kind: model.rope[kind](input_pos, x.dtype) for kind in ("local", "global")}
-    for block, cache in zip(model.blocks, caches, strict=True):
-        x = x + block.post_attn_norm(
-            attend(block.attn, block.attn_norm(x), rope[block.kind], input_pos, cache)
-        )
-        x = x + block.post_ffn_norm(block.ffn(block.ffn_norm(x)))
-    return F.linear(model.final_norm(x), model.tok_embed.weight)
-
-
 @check("your cached Gemma")
 def check_my_cache(model, static_cls, ring_cls, attend, tokenizer, new_tokens: int = 12) -> str:
     """The capstone: ``model`` with your caches and cached attention chooses the tokens it does without.
@@ -305,11 +293,11 @@ def check_my_cache(model, static_cls, ring_cls, attend, tokenizer, new_tokens: i
         )
         for i in range(cfg.n_layers)
     ]
-    logits = _cached_logits(model, ids, torch.arange(T), caches, attend)
-    cached = [int(logits[0, -1].argmax())]
+    logits = decode_step(model, ids, torch.arange(T), caches, attend)  # (1, V)
+    cached = [int(logits[0].argmax())]
     for position in range(T, T + new_tokens - 1):
-        step = _cached_logits(model, torch.tensor([[cached[-1]]]), torch.tensor([position]), caches, attend)
-        cached.append(int(step[0, -1].argmax()))
+        step = decode_step(model, torch.tensor([[cached[-1]]]), torch.tensor([position]), caches, attend)
+        cached.append(int(step[0].argmax()))
     # Without a cache: one pass over the prompt and the cached tokens; greedy decoding without a
     # cache chooses the same tokens exactly when each position's argmax is the next cached token.
     plain = model(torch.cat([ids, torch.tensor([cached[:-1]])], dim=1))[0, T - 1 :].argmax(-1).tolist()

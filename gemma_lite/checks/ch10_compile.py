@@ -1,5 +1,7 @@
 """Checks of the chapter 10 exercises (torch.compile): capped attention without a graph break, a cache
-write that compiles once. ``capped_attention`` is the version with the break that the chapter shows.
+write that compiles once, the learner's decode step (one graph, compiled once) and the capstone: their
+compiled Gemma against the package's. ``capped_attention`` is the version with the break that the
+chapter shows.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.backends.debugging import ExplainWithBackend
 from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
 
-from .core import Mismatch, check, expect_close, fresh_function
+from ..config import GemmaConfig
+from ..generate import Generator, decode_step
+from ..model import Gemma
+from .core import Mismatch, check, expect_close, fresh_function, randomize_norms
 
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float = 5.0) -> torch.Tensor:
@@ -91,3 +97,79 @@ def check_write_kv(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torc
             "position a tensor (no int(pos), no .item(), no Python slicing by it)"
         )
     return "writes in place at a tensor position: compiled once, reused for every step"
+
+
+@check("decode_step")
+def check_decode_step(fn: Callable) -> str:
+    """fn(model, ids (B, T), input_pos (T,), caches) -> logits of the last position (B, V), like
+    ``gemma_lite.generate.decode_step``; one token at a time it compiles into one graph, once."""
+    model = randomize_norms(Gemma(GemmaConfig.tiny()))  # window 8: a 12-token prompt wraps the rings
+
+    def new_caches() -> list:
+        return list(model.new_cache(1, 32).layers)
+
+    mine, ref = new_caches(), new_caches()
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    steps = [(prompt, torch.arange(12))]
+    steps += [(torch.tensor([[7 * p % 100]]), torch.tensor([p])) for p in (12, 13, 14)]
+    for ids, pos in steps:
+        what = "the prefill" if ids.shape[1] > 1 else f"the step at position {int(pos)}"
+        expected = decode_step(model, ids, pos, ref)
+        got = fn(model, ids, pos, mine)
+        if isinstance(got, torch.Tensor) and got.shape != expected.shape:
+            raise Mismatch(
+                f"{what} returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}: the logits of "
+                "the last position only, (B, V); take x[:, -1] before the final norm and the head"
+            )
+        try:
+            expect_close(got, expected, f"the logits of {what}", atol=1e-4)
+        except Mismatch as e:
+            raise Mismatch(
+                f"{e}; likely cause: each block adds post_attn_norm(attention), then post_ffn_norm(ffn), "
+                "to x; the head is the final norm, then the embedding matrix (tied)"
+            ) from None
+
+    counter = CompileCounter()
+    compiled = torch.compile(fresh_function(fn), backend=counter, fullgraph=True, dynamic=False)
+    caches = new_caches()
+    token = fn(model, prompt, torch.arange(12), caches).argmax(-1, keepdim=True)  # the prefill, eager
+    try:
+        for p in range(12, 18):
+            token = compiled(model, token, torch.tensor([p]), caches).argmax(-1, keepdim=True)
+    except torch._dynamo.exc.Unsupported as e:
+        raise Mismatch(
+            f"torch.compile(fullgraph=True) cannot make one graph of it: {str(e).splitlines()[0]}. "
+            "No Python decisions on tensor values (if, .item(), int(), print) inside the step"
+        ) from None
+    if counter.frame_count != 1:
+        raise Mismatch(
+            f"compiled, it was traced {counter.frame_count} times for 6 positions: keep the position a "
+            "tensor (no int(pos), no .item(), no Python slicing by it)"
+        )
+    return "same logits as gemma_lite.generate.decode_step; one graph, compiled once for every position"
+
+
+@check("your compiled Gemma")
+def check_my_compiled_gemma(yours: Generator, package: Generator, prompt: str, new_tokens: int = 32) -> str:
+    """The capstone: ``yours`` (a StepGenerator around your decode step and your model) compiles once
+    and chooses the tokens the package's compiled generator does."""
+    runs = {}
+    for name, gen in (("yours", yours), ("the package's", package)):
+        gen(prompt, new_tokens, stop_at_eos=False)  # the first generation compiles
+        graphs = counters["stats"]["unique_graphs"]
+        runs[name] = gen(prompt, new_tokens, stop_at_eos=False)
+        if name == "yours" and counters["stats"]["unique_graphs"] != graphs:
+            raise Mismatch("your decode step compiled again on the second generation: its guards changed")
+    mine, ref = runs["yours"].new_ids[0], runs["the package's"].new_ids[0]
+    first = next((i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b), None)
+    if first is not None:
+        decode = package.tokenizer.decode
+        raise Mismatch(
+            f"new token {first} is {decode([mine[first]])!r} with your decode step but "
+            f"{decode([ref[first]])!r} with the package's"
+        )
+    speed, reference = runs["yours"].decode_tok_s, runs["the package's"].decode_tok_s
+    return (
+        f"your compiled decode step chooses the package's {new_tokens} tokens, {runs['yours'].text[0]!r}, "
+        f"at {speed:.1f} tokens/s (the package's: {reference:.1f} tokens/s)"
+    )
