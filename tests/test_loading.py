@@ -230,7 +230,8 @@ def test_a_shared_load_reads_no_weights_until_they_are_used(record_property):
     from gemma_lite.loading import load_shared
 
     load_shared(torch.float32, progress=False)  # the copy exists (written once per machine)
-    peak = _peak_rss_bytes("import gemma_lite\ngemma_lite.load(device='cpu', dtype='float32', progress=False)")
+    code = "import gemma_lite\ngemma_lite.load(device='cpu', dtype='float32', progress=False)"
+    peak = _peak_rss_bytes(code)
     record_property("peak_rss_shared_load", peak)
     # runtime ~0.24 GB + parsing tokenizer.json ~0.45 GB at its peak; the fp32 weights alone are 1.07 GB
     assert peak < 0.8e9, f"peak RSS {peak / 1e9:.3f} GB: the weights were read, not mapped"
