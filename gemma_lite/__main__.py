@@ -301,11 +301,27 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_lab_settings(args) -> int:
+    import json
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).parent / "data" / "jupyterlab-overrides.json").read_text())
+    directory = Path(args.dir) if args.dir else Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings"
+    target = directory / "overrides.json"
+    settings = json.loads(target.read_text()) if target.exists() else {}
+    for plugin, values in shipped.items():  # keep whatever else is set there
+        settings.setdefault(plugin, {}).update(values)
+    directory.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(settings, indent=2) + "\n")
+    print(target)
+    return 0
+
+
 def cmd_room(args) -> int:
     from .classroom import room_report
 
     counts = tuple(int(n) for n in args.kernels.split(","))
-    print(room_report(counts, on_row=lambda line: print(line, flush=True)))
+    room_report(counts, on_row=lambda line: print(line, flush=True))
     return 0
 
 
@@ -435,6 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", nargs="+", default=["float32"], help="the shared copies to write (float32 bfloat16)"
     )
     f.set_defaults(func=cmd_fetch)
+
+    ls = sub.add_parser(
+        "lab-settings",
+        help="JupyterLab settings for the course (no news or update pop-ups), into this environment",
+        description="Merge the course's JupyterLab settings into <sys.prefix>/share/jupyter/lab/settings/"
+        "overrides.json, where JupyterLab reads its defaults: no 'official Jupyter news?' question, no "
+        "update check.",
+    )
+    ls.add_argument("--dir", help="another settings directory (JupyterLab's --LabApp.app_settings_dir)")
+    ls.set_defaults(func=cmd_lab_settings)
 
     r = sub.add_parser(
         "room", help="memory of 1, 4, 8 kernels that each load the model: shared weights or not"

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import psutil
+import torch
 
 from .measure import MB
 
@@ -119,22 +120,27 @@ def measure_room(kernels: int, shared: bool, timeout: float = 900) -> RoomMeasur
 
 
 def room_report(counts=(1, 4, 8), on_row=None) -> str:
-    """A table of the memory of 1, 4 and 8 kernels, with shared and with private weights."""
+    """A table of the memory of 1, 4 and 8 kernels, with shared and with private weights; ``on_row(line)``
+    as each line is ready (the measurements take minutes)."""
     from .bench import machine_name
 
+    lines = []
+
+    def add(line: str) -> None:
+        lines.append(line)
+        if on_row is not None:
+            on_row(line)
+
     head = f"{'weights':<9}{'kernels':>8}{'RSS MB':>10}{'USS MB':>10}{'sum PSS MB':>12}{'+MB/kernel':>12}"
-    head += f"{'time s':>10}"
-    lines = [head, "-" * len(head)]
+    add(head + f"{'time s':>10}")
+    add("-" * len(lines[0]))
     for shared in (True, False):
         first = None
         for n in counts:
             measured = measure_room(n, shared)
             first = first or measured
-            lines.append(measured.row(first))
-            if on_row is not None:
-                on_row(lines[-1])
-    lines.append(
-        "RSS, USS: the median kernel; +MB/kernel: what each kernel after the first adds to the sum of PSS"
-    )
-    lines.append(f"machine: {machine_name()} | {psutil.virtual_memory().total / 1e9:.0f} GB")
+            add(measured.row(first))
+    add("RSS, USS: the median kernel; +MB/kernel: what each kernel after the first adds to the sum of PSS")
+    memory = psutil.virtual_memory().total / 1e9
+    add(f"machine: {machine_name()} | {memory:.0f} GB | torch {torch.__version__}")
     return "\n".join(lines)

@@ -78,18 +78,19 @@ def jupyterlab(tmp_path_factory):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["JUPYTER_RUNTIME_DIR"] = str(root / ".runtime")
-    # no "official Jupyter news?" prompt over the page, no update check
-    settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    quiet = '{"fetchNews": "false", "checkForUpdates": false}'
-    (settings / "notification.jupyterlab-settings").write_text(quiet)
+    # the settings the course ships (no "official Jupyter news?" prompt, no update check), as
+    # `python -m gemma_lite lab-settings` installs them, in a settings directory of this server's own
+    app_settings = root / ".app-settings"
+    subprocess.run(
+        [sys.executable, "-m", "gemma_lite", "lab-settings", "--dir", str(app_settings)], env=env, check=True
+    )
     log = root / "jupyterlab.log"
     command = [
         sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser",
         "--ServerApp.open_browser=False", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
         f"--LabApp.workspaces_dir={root / '.workspaces'}", f"--LabApp.user_settings_dir={root / '.settings'}",
-        "--LabApp.news_url=None", "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.app_settings_dir={app_settings}", "--LabApp.expose_app_in_browser=True",
     ]
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -137,6 +138,12 @@ def test_dashboard_runs_and_plots_in_jupyterlab(chromium, jupyterlab):
     try:
         page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=120_000)
         page.wait_for_function(KERNEL_IDLE, timeout=120_000)
+        notification = page.request.get(
+            f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification?token={token}"
+        ).json()
+        defaults = {k: v.get("default") for k, v in notification["schema"]["properties"].items()}
+        assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False, defaults  # ours
+        assert "official Jupyter news" not in page.content()
         assert page.evaluate(RUN_DASHBOARD_CELL) == "ok"
 
         run_button = page.locator("button.widget-button", has_text="Run")

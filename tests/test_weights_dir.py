@@ -189,3 +189,14 @@ def test_a_damaged_shared_copy_says_what_to_do(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(WeightsError, match="not a readable safetensors file: delete it"):
         wd.map_safetensors(tmp_path / "broken.safetensors")
+
+
+def test_kernels_share_the_weights_pages():
+    """Two Jupyter kernels that each load the model and generate: the second adds far less than the
+    1.07 GB of fp32 weights to the machine's memory (the sum of their PSS)."""
+    from gemma_lite.classroom import measure_room
+
+    one, two = measure_room(1, shared=True), measure_room(2, shared=True)
+    second = two.total_pss - one.total_pss
+    assert second < 0.6e9, f"the second kernel added {second / 1e6:.0f} MB"
+    assert all(m.rss > 1.07e9 for m in two.memory)  # each of them does hold the whole model
