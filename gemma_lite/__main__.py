@@ -289,13 +289,13 @@ def cmd_fetch(args) -> int:
     from .devices import resolve_dtype
     from .gguf_file import bundled_gguf_path
     from .loading import load_shared
-    from .weights_dir import shared_copy_path, weights_dir
+    from .weights_dir import read_only_error, shared_copy_path, weights_dir
 
     print(bundled_gguf_path())
     for name in args.dtype:
         dtype = resolve_dtype(name, torch.device("cpu"))
-        if load_shared(dtype, progress=True) is None:
-            return 2
+        if load_shared(dtype, progress=True) is None:  # (it said why on stderr)
+            raise read_only_error(shared_copy_path(dtype))
         print(shared_copy_path(dtype))
     print(weights_dir() / "tokenizer.json")
     return 0

@@ -62,15 +62,15 @@ def load(
     cache_dir, token: passed to ``huggingface_hub`` for a hub repo id.
     """
     device = resolve_device(device)
+    if str(source) == "bundled" and device.type == "cpu":  # before source_kind: no GGUF checksum to pay
+        shared = load_shared(resolve_dtype(dtype, device), progress)
+        if shared is not None:
+            return shared
     kind, path = source_kind(source)  # path: a file, a directory, or a hub repo id
     if kind == "quantized":  # written by save_quantized: in its own format, activations in ``dtype`` if given
         model = load_quantized(path, device, None if dtype is None else resolve_dtype(dtype, device))
         return model.eval(), GemmaTokenizer.from_file(path / "tokenizer.json")
     dtype = resolve_dtype(dtype, device)
-    if str(source) == "bundled" and device.type == "cpu":
-        shared = load_shared(dtype, progress)
-        if shared is not None:
-            return shared
     if kind == "gguf":
         if sha256 is not None and sha256_file(path) != sha256.lower():
             raise WeightsError(
