@@ -114,9 +114,11 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """2-16 fp32 rows on the CPU against a row-major fp32 weight."""
+    """2-16 fp32 rows on the CPU against a row-major fp32 weight (not in an exported graph,
+    which holds only PyTorch's own operations and serves any number of rows)."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_exporting()
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and 1 < x.shape[0] <= 16

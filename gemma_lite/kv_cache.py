@@ -11,6 +11,7 @@ step has the same shapes at every step and compiles once.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,26 @@ from torch import nn
 from .config import GemmaConfig
 
 
-class GlobalCache(nn.Module):
+class LayerCache(nn.Module):
+    """What the two kinds of layer cache hold: keys k and values v (B, K, S, D), and the
+    position stored in each slot, slot_pos (S,)."""
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensors that are this cache: k, v, slot_pos."""
+        return self.k, self.v, self.slot_pos
+
+    def over(self, k: torch.Tensor, v: torch.Tensor, slot_pos: torch.Tensor) -> LayerCache:
+        """The same kind of cache over other tensors of the same shapes (used, not copied).
+
+        An exported decode step receives its cache as inputs: it wraps them in
+        the cache it was built with, so that writing them runs this cache's code.
+        """
+        other = copy.copy(self)
+        other._buffers = {"k": k, "v": v, "slot_pos": slot_pos}
+        return other
+
+
+class GlobalCache(LayerCache):
     """Keys and values of every position so far: slot i holds position i."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -48,7 +68,7 @@ class GlobalCache(nn.Module):
         self.v.index_copy_(2, dst, self.v.index_select(2, src))
 
 
-class RingCache(nn.Module):
+class RingCache(LayerCache):
     """The last ``size`` positions of a sliding-window layer, in a ring.
 
     ``slot_pos[i]`` is the position stored in slot i, or -1 for an empty slot.

@@ -1,0 +1,131 @@
+"""Chapter 13: the decode step with an explicit KV cache, exported, run by onnxruntime and AOTInductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma_lite import export
+from gemma_lite.export import ExplicitCacheStep, OnnxStep, greedy_run
+from gemma_lite.generate import Generator
+from tests.helpers import CharTokenizer, random_model, tiny_model_for
+
+PROMPT = "a tiny prompt"  # 14 ids with <bos>: past the tiny model's window of 8
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = tiny_model_for()
+    return model, tokenizer, ExplicitCacheStep(model, model.new_cache(1, MAX_LEN))
+
+
+def run(step_fn, step: ExplicitCacheStep, n: int = 12):
+    return greedy_run(step_fn, CharTokenizer().encode(PROMPT), n, step.initial_state(), step.max_len)
+
+
+def test_the_explicit_step_writes_the_generators_tokens_and_logits(tiny):
+    model, tokenizer, step = tiny
+    with torch.no_grad():
+        ours = run(step, step)
+        reference = Generator(model, tokenizer)(PROMPT, 12, stop_at_eos=False).new_ids[0]
+        ids = torch.tensor([CharTokenizer().encode(PROMPT) + ours.tokens[:-1]])
+        full = model(ids)[0, -12:]  # the whole sequence at once: the logits of each new token
+    assert ours.tokens == reference
+    assert torch.allclose(torch.stack(ours.logits), full, atol=1e-5, rtol=1e-5)
+
+
+def test_the_explicit_step_leaves_its_inputs_alone(tiny):
+    _, _, step = tiny
+    inputs = step.example_inputs()
+    before = [t.clone() for t in inputs]
+    with torch.no_grad():
+        logits, *state = step(*inputs)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before, strict=True))
+    assert len(state) == 3 * step.model.cfg.n_layers and logits.shape == (1, step.model.cfg.vocab_size)
+    assert not torch.equal(state[0], inputs[2]), "the new token's key was written into the returned copy"
+
+
+def test_an_exported_step_round_trips_through_a_file(tiny, tmp_path):
+    _, _, step = tiny
+    program = export.export_step(step)
+    torch.export.save(program, tmp_path / "step.pt2")
+    loaded = torch.export.load(tmp_path / "step.pt2").module()
+    with torch.no_grad():
+        eager, exported = run(step, step), run(loaded, step)
+    assert exported.tokens == eager.tokens
+    assert max(export.relative_error(a, b) for a, b in zip(exported.logits, eager.logits, strict=True)) < 1e-5
+
+
+def test_the_exported_full_forward_takes_any_length_in_its_range(tiny):
+    model, _, _ = tiny
+    program = export.export_forward(model, max_len=64).module()
+    for length in (2, 5, 40):
+        ids = torch.randint(0, model.cfg.vocab_size, (1, length))
+        with torch.no_grad():
+            assert torch.allclose(program(ids), model(ids), atol=1e-5, rtol=1e-5), length
+
+
+def test_onnxruntime_gives_pytorchs_logits_and_tokens(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, _, step = tiny
+    path = export.to_onnx(step, tmp_path / "step.onnx")
+    with torch.no_grad():
+        eager, onnx = run(step, step), run(OnnxStep(path), step)
+    assert onnx.tokens == eager.tokens
+    # fp32 in both, summed in another order by other kernels: a few units of float32's 1.2e-7 per
+    # operation, grown over the layers; 1e-5 of the largest logit is far below the gap between tokens
+    worst = max(export.relative_error(a, b) for a, b in zip(onnx.logits, eager.logits, strict=True))
+    assert worst < 1e-5
+
+
+def test_an_onnx_step_checks_its_file_and_its_inputs(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        OnnxStep(tmp_path / "nothing.onnx")
+    _, _, step = tiny
+    onnx = OnnxStep(export.to_onnx(step, tmp_path / "step.onnx"))
+    with pytest.raises(ValueError, match=f"takes {2 + 3 * step.model.cfg.n_layers} inputs, got 2"):
+        onnx(*step.example_inputs()[:2])
+
+
+@pytest.mark.compile
+def test_an_aotinductor_package_runs_the_step_without_the_model_code(tiny, tmp_path):
+    _, _, step = tiny
+    package = export.aoti_package(export.export_step(step), tmp_path / "step.pt2")
+    with torch.no_grad():
+        eager, compiled = run(step, step), run(export.load_aoti(package), step)
+    assert compiled.tokens == eager.tokens
+    assert max(export.relative_error(a, b) for a, b in zip(compiled.logits, eager.logits, strict=True)) < 1e-5
+
+
+def test_greedy_runs_say_what_is_wrong(tiny, tmp_path):
+    _, _, step = tiny
+    state = step.initial_state()
+    with pytest.raises(ValueError, match="need 40 cache positions; this step's cache has 32"):
+        greedy_run(step, list(range(3, 23)), 21, state, step.max_len)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        greedy_run(step, [], 4, state, step.max_len)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        greedy_run(step, [2], 0, state, step.max_len)
+    with pytest.raises(FileNotFoundError, match="no AOTInductor package"):
+        export.load_aoti(tmp_path / "nothing.pt2")
+
+
+def test_a_missing_optional_package_is_named_with_its_install_command(monkeypatch):
+    monkeypatch.setitem(export.OPTIONAL, "onnx", ["onnx", "no_such_package_xyz"])
+    assert export.missing("onnx") == ["no_such_package_xyz"]
+    with pytest.raises(ModuleNotFoundError, match="pip install no_such_package_xyz"):
+        export.require("onnx")
+    monkeypatch.setitem(export.OPTIONAL, "coreml", ["no_such_package_xyz"])
+    assert "pip install coremltools" in export.coreml_status()
+
+
+def test_a_bfloat16_step_keeps_its_cache_in_bfloat16():
+    model = random_model(dtype=torch.bfloat16)
+    step = ExplicitCacheStep(model, model.new_cache(1, 16))
+    with torch.no_grad():
+        logits, *state = step(*step.example_inputs())
+    assert (
+        logits.dtype == torch.bfloat16 and state[0].dtype == torch.bfloat16 and state[2].dtype == torch.long
+    )
