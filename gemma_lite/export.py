@@ -17,11 +17,13 @@ here (eager, compiled, exported, onnxruntime, an AOTInductor package) takes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import platform
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,21 @@ def export_forward(model: Gemma, max_len: int = 512, example_len: int = 8) -> to
         return torch.export.export(FullForward(model), (ids,), dynamic_shapes={"input_ids": {1: length}})
 
 
+@contextlib.contextmanager
+def quiet(*loggers: str) -> Iterator[None]:
+    """Silence Python warnings and the named loggers' notes below ERROR while exporting."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    try:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def to_onnx(step: ExplicitCacheStep, path: str | Path) -> Path:
     """Export the decode step to an ONNX file (weights in a ``.data`` file beside it).
 
@@ -142,8 +159,7 @@ def to_onnx(step: ExplicitCacheStep, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs, outputs = step.names()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes about its own internals
+    with torch.no_grad(), quiet("torch.onnx", "onnx_ir", "onnxscript"):  # notes on the exporter's internals
         torch.onnx.export(
             step,
             step.example_inputs(),
@@ -190,8 +206,7 @@ def aoti_package(program: torch.export.ExportedProgram, path: str | Path) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet("torch._inductor"):
         return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
 
 
@@ -263,20 +278,43 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours.float() - reference).abs().max() / reference.abs().max())
 
 
-def torchscript_status() -> str:
-    """Whether this torch still offers TorchScript (``torch.jit.script``), and its standing."""
-    if not hasattr(torch.jit, "script"):
-        return f"torch {torch.__version__} has no torch.jit.script: TorchScript is gone; use torch.export"
-    return (
-        f"torch {torch.__version__} still has torch.jit.script and torch.jit.trace, but TorchScript is in "
-        "maintenance only (deprecated in favour of torch.export since PyTorch 2.5)"
-    )
+def to_torchscript(step: ExplicitCacheStep) -> tuple[Step | None, str]:
+    """Trace the step with TorchScript where this torch still has it, and say its standing.
+
+    Returns the traced step (None where TorchScript is gone) and a sentence:
+    torch's own deprecation warning when tracing raises one. A trace records
+    the operations of one call, for these shapes.
+    """
+    if not hasattr(torch.jit, "trace"):
+        return None, f"torch {torch.__version__} no longer has TorchScript: use torch.export"
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(step, step.example_inputs(), check_trace=False)
+    notes = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    return traced, notes[0] if notes else "torch.jit.trace raised no deprecation warning"
 
 
 def coreml_status() -> str:
     """Whether a CoreML conversion can run here, and whether its prediction can."""
-    if missing("coreml"):
-        return "coremltools is not installed (pip install coremltools): CoreML conversion skipped"
+    if absent := missing("coreml"):
+        return f"{', '.join(absent)} is not installed (pip install {' '.join(absent)}): CoreML skipped"
     if platform.system() != "Darwin":
-        return "coremltools converts here; running a CoreML model needs macOS: prediction skipped"
-    return "coremltools converts and predicts on this Mac"
+        return "coremltools is installed; running a CoreML model needs macOS: prediction skipped"
+    return "coremltools is installed on a Mac: conversion and prediction can run"
+
+
+def to_coreml(program: torch.export.ExportedProgram, path: str | Path):
+    """Convert an exported step to a CoreML ML program (``.mlpackage``) with coremltools.
+
+    Raises ``RuntimeError`` naming the operation coremltools cannot convert.
+    """
+    require("coreml")
+    import coremltools as ct
+
+    try:
+        with quiet("coremltools"):
+            converted = ct.convert(program.run_decompositions({}), convert_to="mlprogram")
+    except NotImplementedError as error:
+        raise RuntimeError(f"coremltools {ct.__version__} cannot convert this step: {error}") from error
+    converted.save(str(path))
+    return converted

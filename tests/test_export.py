@@ -129,3 +129,14 @@ def test_a_bfloat16_step_keeps_its_cache_in_bfloat16():
     assert (
         logits.dtype == torch.bfloat16 and state[0].dtype == torch.bfloat16 and state[2].dtype == torch.long
     )
+
+
+def test_a_torchscript_trace_writes_the_same_tokens_and_says_its_standing(tiny):
+    _, _, step = tiny
+    traced, standing = export.to_torchscript(step)
+    if traced is None:
+        assert "no longer has TorchScript" in standing
+        return
+    with torch.no_grad():
+        assert run(traced, step).tokens == run(step, step).tokens
+    assert "deprecat" in standing.lower() or "no deprecation warning" in standing
