@@ -118,7 +118,7 @@ def test_a_missing_optional_package_is_named_with_its_install_command(monkeypatc
     with pytest.raises(ModuleNotFoundError, match="pip install no_such_package_xyz"):
         export.require("onnx")
     monkeypatch.setitem(export.OPTIONAL, "coreml", ["no_such_package_xyz"])
-    assert "pip install coremltools" in export.coreml_status()
+    assert "(pip install no_such_package_xyz): CoreML skipped" in export.coreml_status()
 
 
 def test_a_bfloat16_step_keeps_its_cache_in_bfloat16():
