@@ -3,14 +3,14 @@
     step = ExplicitCacheStep(model, model.new_cache(1, 64))
     program = export_step(step)                         # torch.export: one graph, no Python
     onnx_path = to_onnx(step, "gemma-step.onnx")        # ONNX, run by onnxruntime
-    run = greedy_run(OnnxStep(onnx_path), prompt_ids, 16, step.initial_state())
+    run = greedy_run(OnnxStep(onnx_path), prompt_ids, 16, step.initial_state(), step.max_len)
 
 An exported program is a graph of tensor operations with fixed inputs and
 outputs. It keeps no Python state between calls, so the KV cache, which the
 package's generator writes in place, becomes explicit: each call receives the
 cache as tensors and returns the updated ones. ``ExplicitCacheStep`` is that
 function around the package's own ``decode_step`` and caches; every runner
-here (eager, compiled, exported, onnxruntime, an AOTInductor package) takes
+here (eager, exported, onnxruntime, an AOTInductor package, a TorchScript trace) takes
 ``(token (B, 1), input_pos (1,), *state)`` and returns ``(logits (B, V),
 *state)``, so one greedy loop drives them all.
 """
