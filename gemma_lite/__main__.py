@@ -110,15 +110,24 @@ def cmd_distill(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import MODES, SPEC_MODES, format_table, profile_decode, run_benchmark, write_json
+    from .bench import (
+        EXPORT_MODES,
+        MODES,
+        SPEC_MODES,
+        format_table,
+        profile_decode,
+        run_benchmark,
+        write_json,
+    )
     from .devices import dtype_name, resolve_device, resolve_dtype
     from .fast import optimize_for_decode
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    unknown = set(args.modes) - set(MODES + SPEC_MODES)
+    known = MODES + SPEC_MODES + EXPORT_MODES
+    unknown = set(args.modes) - set(known)
     if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES + SPEC_MODES)}")
+        raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(known)}")
     for quant in args.quant:
         check_quant_arg(quant)
     device = resolve_device(args.device)

@@ -9,7 +9,15 @@ kv                 static KV cache: prefill once, then one token per step
 kv-compiled        KV cache + compiled one-token decode step (fixed shapes)
 spec-lookup        speculative decoding, prompt-lookup drafts, compiled verification
 spec-redrafter     speculative decoding, the recurrent draft head, compiled verification
+export-eager       chapter 13's step with its cache as explicit tensors, eager
+export-program     that step through ``torch.export`` (the exported graph's module)
+export-onnx        that step exported to ONNX, run by onnxruntime
+export-aoti        that step compiled ahead of time into an AOTInductor package
+export-torchscript that step traced by TorchScript
 =================  ========================================================
+
+The export modes run one prompt at a time, the prompt one token per step too; their
+compile time is the export and compilation, their files go in a temporary folder.
 
 ``--compare-hf`` adds HF transformers' ``generate`` on the same weights
 (dynamic cache, and static cache + torch.compile) in the same process, and
@@ -26,12 +34,14 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .devices import device_of, dtype_name, dtype_of
+from .export import RUNNERS, exported_generator
 from .fast import DecodePlan, ShapeTiming, kernel_layers, time_calls
 from .generate import Generator
 from .measure import MB, PeakMemory, Stopwatch, read_bandwidth, stored_bytes
@@ -41,6 +51,7 @@ from .speculative import SpeculativeGenerator, drafter_named
 MODES = ("regular", "regular-compiled", "kv", "kv-compiled")
 SPEC_MODES = ("spec-lookup", "spec-redrafter")
 HF_MODES = ("hf-dynamic", "hf-static-compiled")
+EXPORT_MODES = tuple(f"export-{runner}" for runner in RUNNERS)  # chapter 13: the step leaves PyTorch
 DEFAULT_PROMPT = "The capital of France is"
 
 
@@ -122,13 +133,21 @@ def _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s, p
     )
 
 
-def make_generator(model, tokenizer, mode: str, draft_len: int = 4, width: int = 1) -> Generator:
-    """The generator that runs ``mode`` (one of MODES or SPEC_MODES)."""
+def make_generator(model, tokenizer, mode: str, draft_len: int = 4, width: int = 1, max_len: int = 256):
+    """The generator that runs ``mode`` (one of MODES, SPEC_MODES or EXPORT_MODES).
+
+    ``max_len``: the cache positions an export mode's step holds (its shapes are fixed).
+    """
     if mode in SPEC_MODES:
         drafter = drafter_named(mode.removeprefix("spec-"), model)
         return SpeculativeGenerator(model, tokenizer, drafter, draft_len=draft_len, width=width, compile=True)
+    if mode in EXPORT_MODES:
+        folder = tempfile.TemporaryDirectory(prefix="gemma-lite-export-")
+        gen = exported_generator(model, tokenizer, mode.removeprefix("export-"), max_len, folder.name)
+        gen.folder = folder  # the files live as long as the generator
+        return gen
     if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES + SPEC_MODES)}")
+        raise ValueError(f"unknown mode '{mode}'; choose from {', '.join(MODES + SPEC_MODES + EXPORT_MODES)}")
     return Generator(model, tokenizer, use_cache=mode.startswith("kv"), compile=mode.endswith("compiled"))
 
 
@@ -144,23 +163,26 @@ def bench_ours(
     draft_len: int = 4,
     width: int = 1,
 ) -> BenchRow:
-    """Time one of MODES or SPEC_MODES. ``generators`` keeps compiled generators between calls;
+    """Time one of MODES, SPEC_MODES or EXPORT_MODES. ``generators`` keeps compiled generators between calls;
     a generator put there under a name of its own (a ``StepGenerator``) is timed as that mode.
 
     ``read_gb_s``: the device's read bandwidth, for the roofline columns.
     ``draft_len``, ``width``: the speculative modes' tokens per candidate and candidates per round.
     """
     generators = {} if generators is None else generators
-    if mode not in generators:
-        generators[mode] = make_generator(model, tokenizer, mode, draft_len, width)
-    gen = generators[mode]
-    with PeakMemory(device_of(model)) as mem:
+    max_len = Generator(model, tokenizer).cache_len(len(tokenizer.encode(prompt)) + new_tokens)
+    key = (mode, max_len) if mode in EXPORT_MODES else mode  # an exported step's cache has one size
+    with PeakMemory(device_of(model)) as mem:  # an export mode's build included: its own copy of the weights
+        if key not in generators:
+            generators[key] = make_generator(model, tokenizer, mode, draft_len, width, max_len)
+        gen = generators[key]
         # warm-up (compiles on first use); with a cache, the same length gives the same cache shape
         warm = gen(prompt, new_tokens if gen.use_cache else min(new_tokens, 8), stop_at_eos=False)
         results = [gen(prompt, new_tokens, stop_at_eos=False) for _ in range(runs)]
     decode = statistics.median(r.decode_tok_s for r in results)
     prefill = statistics.median(r.prompt_tokens[0] / r.prefill_s for r in results)
     compile_s = sum(r.compile_s for r in (warm, *results))  # the warm-up compiles (0 once compiled)
+    compile_s += getattr(gen, "build_s", 0.0)  # an export mode: the export and compilation
     peak = stored_bytes(model) + mem.growth
     per_round = statistics.median(r.stats.mean_accepted for r in results) if mode in SPEC_MODES else 0.0
     return _row(mode, model, new_tokens, decode, prefill, compile_s, peak, read_gb_s, per_round)

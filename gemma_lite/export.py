@@ -3,7 +3,8 @@
     step = ExplicitCacheStep(model, model.new_cache(1, 64))
     program = export_step(step)                         # torch.export: one graph, no Python
     onnx_path = to_onnx(step, "gemma-step.onnx")        # ONNX, run by onnxruntime
-    run = greedy_run(OnnxStep(onnx_path), prompt_ids, 16, step.initial_state(), step.max_len)
+    gen = ExportedGenerator(model, tokenizer, step, OnnxStep(onnx_path))
+    gen("The capital of France is", 16).text           # the package's Generator, the ONNX step
 
 An exported program is a graph of tensor operations with fixed inputs and
 outputs. It keeps no Python state between calls, so the KV cache, which the
@@ -12,7 +13,8 @@ cache as tensors and returns the updated ones. ``ExplicitCacheStep`` is that
 function around the package's own ``decode_step`` and caches; every runner
 here (eager, exported, onnxruntime, an AOTInductor package, a TorchScript trace) takes
 ``(token (B, 1), input_pos (1,), *state)`` and returns ``(logits (B, V),
-*state)``, so one greedy loop drives them all.
+*state)``, and ``ExportedGenerator`` drives any of them like the package's
+own generator.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .generate import decode_step
+from .generate import Generator, decode_step
 from .kv_cache import KVCache
 from .model import Gemma
 
@@ -220,56 +222,112 @@ def load_aoti(path: str | Path) -> Step:
     return torch._inductor.aoti_load_package(str(path))
 
 
-@dataclass
-class StepRun:
-    """What ``greedy_run`` produced: the new tokens and how long the steps took."""
+class ExportedGenerator(Generator):
+    """``Generator`` around a step that takes its KV cache as tensors and returns it updated.
 
-    tokens: list[int]
-    logits: list[torch.Tensor]  # (V,) of each new token's step
-    prefill_s: float
-    decode_s: float
+    ``run(token (B, 1), input_pos (1,), *state) -> (logits (B, V), *state)`` is the
+    ``ExplicitCacheStep`` itself (the default) or any runner made from it: the
+    module of its exported program, an ``OnnxStep``, an AOTInductor package, a
+    TorchScript trace. The prompt goes through the same one-token step, one
+    position at a time, so one exported graph is all a deployment needs; the
+    sampling, stopping and timing are ``Generator``'s, so the benchmark times
+    every runner like the package's own modes.
 
-    @property
-    def decode_tok_s(self) -> float:
-        """Decode steps per second (the first new token came from the prompt's last step)."""
-        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 else float("nan")
-
-
-def greedy_run(
-    step: Step, prompt_ids: Sequence[int], max_new_tokens: int, state: Sequence[torch.Tensor], max_len: int
-) -> StepRun:
-    """Greedy generation, one token per call of ``step``, the prompt included.
-
-    The prompt goes through the same one-token step, so one exported graph is
-    all a deployment needs. ``state`` is the empty cache (``initial_state()``);
-    it holds ``max_len`` positions.
+    ``build_s``: the seconds it took to make ``run`` (export, compilation), which
+    the benchmark reports as its compile time. With ``keep_logits=True`` the
+    logits of every chosen token are kept in ``logits`` (V,) (cleared each call).
     """
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token id")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if len(prompt_ids) + max_new_tokens - 1 > max_len:
-        raise ValueError(
-            f"{len(prompt_ids)} prompt tokens and {max_new_tokens} new ones need "
-            f"{len(prompt_ids) + max_new_tokens - 1} cache positions; this step's cache has {max_len}"
-        )
-    device = state[0].device
 
-    def call(token: int, position: int):
-        out = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), *state)
-        return out[0][0], tuple(out[1:])
+    def __init__(
+        self,
+        model: Gemma,
+        tokenizer,
+        step: ExplicitCacheStep,
+        run: Step | None = None,
+        *,
+        build_s: float = 0.0,
+        keep_logits: bool = False,
+    ):
+        super().__init__(model, tokenizer)
+        self.step, self.run, self.build_s = step, run if run is not None else step, build_s
+        self.logits: list[torch.Tensor] | None = [] if keep_logits else None
 
+    def cache_for(self, batch: int, length: int) -> ExplicitState:
+        if batch != self.step.batch:
+            raise ValueError(f"this exported step runs {self.step.batch} prompt(s) at a time, got {batch}")
+        if length > self.step.max_len:
+            raise ValueError(
+                f"the prompt and the new tokens need {length} cache positions; this step's cache has "
+                f"{self.step.max_len}: ask for fewer tokens or export a step with a larger cache"
+            )
+        if self.logits is not None:
+            self.logits.clear()
+        return ExplicitState(list(self.step.initial_state()), self.step.max_len)
+
+    def advance(self, token: torch.Tensor, position: torch.Tensor, cache: ExplicitState) -> torch.Tensor:
+        """One call of the step: token (B, 1) at position (1,) -> logits (B, V); the cache is replaced."""
+        logits, *cache.tensors = self.run(token, position.clone(), *cache.tensors)
+        return logits
+
+    def keep(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.logits is not None:
+            self.logits.append(logits[0])
+        return logits
+
+    def step_fn(self) -> Callable:
+        def one(_model, token, position, cache, _valid_from):
+            return self.keep(self.advance(token, position, cache))
+
+        return one
+
+    def last_logits(self, ids, valid_from, cache, check_inputs: bool = True) -> torch.Tensor:
+        if cache is None or valid_from is not None:
+            raise ValueError("an exported step runs prompts of one length, with its cache")
+        for t in range(ids.shape[1]):
+            logits = self.advance(ids[:, t : t + 1], torch.tensor([t], device=ids.device), cache)
+        return self.keep(logits)
+
+
+@dataclass
+class ExplicitState:
+    """The cache of an ``ExportedGenerator``'s generation: the step's state tensors, and their size."""
+
+    tensors: list[torch.Tensor]
+    max_len: int
+
+
+RUNNERS = ("eager", "program", "onnx", "aoti", "torchscript")
+"""What ``exported_generator`` can run the step with: the ``ExplicitCacheStep`` itself, its
+``torch.export`` program, onnxruntime, an AOTInductor package, a TorchScript trace."""
+
+
+def exported_generator(
+    model: Gemma, tokenizer, runner: str, max_len: int, folder: str | Path
+) -> ExportedGenerator:
+    """An ``ExportedGenerator`` for one prompt at a time with a cache of ``max_len`` positions,
+    its step run by ``runner`` (one of RUNNERS); the files it needs are written in ``folder``.
+
+    Its ``build_s`` is the time the export and compilation took.
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner '{runner}'; choose from {', '.join(RUNNERS)}")
+    folder = Path(folder)
+    step = ExplicitCacheStep(model, model.new_cache(1, max_len))
     start = time.perf_counter()
-    for position, token in enumerate(prompt_ids):
-        logits, state = call(token, position)
-    prefill_s = time.perf_counter() - start
-    tokens, kept = [int(logits.argmax())], [logits]
-    start = time.perf_counter()
-    for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens - 1):
-        logits, state = call(tokens[-1], position)
-        tokens.append(int(logits.argmax()))
-        kept.append(logits)
-    return StepRun(tokens, kept, prefill_s, time.perf_counter() - start)
+    if runner == "eager":
+        run: Step = step
+    elif runner == "program":
+        run = export_step(step).module()
+    elif runner == "onnx":
+        run = OnnxStep(to_onnx(step, folder / "step.onnx"))
+    elif runner == "aoti":
+        run = load_aoti(aoti_package(export_step(step), folder / "step.pt2"))
+    else:
+        traced, standing = to_torchscript(step)
+        if traced is None:
+            raise RuntimeError(standing)
+        run = traced
+    return ExportedGenerator(model, tokenizer, step, run, build_s=time.perf_counter() - start)
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -130,3 +130,25 @@ def test_speculative_rows_report_tokens_per_round():
     table = format_table([plain, row]).splitlines()
     assert table[0].split()[-1] == "tok/round"
     assert table[2].split()[-1] == "-" and float(table[3].split()[-1]) == row.tokens_per_round
+
+
+def test_export_modes_are_timed_like_the_others_with_their_export_as_compile_time():
+    pytest.importorskip("onnxruntime")
+    from gemma_lite.bench import bench_ours
+
+    model, tokenizer = tiny_bench_model()
+    generators: dict = {}
+    rows = [
+        bench_ours(model, tokenizer, mode, 8, prompt="hello", runs=1, generators=generators)
+        for mode in ("kv", "export-eager", "export-program", "export-onnx")
+    ]
+    kv, eager, program, onnx = rows
+    assert all(r.decode_tok_s > 0 and r.prefill_tok_s > 0 for r in rows)
+    assert eager.compile_s == 0.0 and program.compile_s > 0 and onnx.compile_s > 0
+    assert [r.bytes_per_token for r in rows] == [kv.bytes_per_token] * 4
+    # the same greedy tokens from every runner
+    texts = {mode: gen("hello", 8, stop_at_eos=False).new_ids for mode, gen in generators.items()}
+    assert len({str(t) for t in texts.values()}) == 1, texts
+    assert sorted(map(str, generators)) == sorted(
+        ["kv", *(str((m, 256)) for m in ("export-eager", "export-program", "export-onnx"))]
+    )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma_lite import export
-from gemma_lite.export import ExplicitCacheStep, OnnxStep, greedy_run
+from gemma_lite.export import ExplicitCacheStep, ExportedGenerator, OnnxStep
 from gemma_lite.generate import Generator
 from tests.helpers import CharTokenizer, random_model, tiny_model_for
 
@@ -20,19 +20,21 @@ def tiny():
     return model, tokenizer, ExplicitCacheStep(model, model.new_cache(1, MAX_LEN))
 
 
-def run(step_fn, step: ExplicitCacheStep, n: int = 12):
-    return greedy_run(step_fn, CharTokenizer().encode(PROMPT), n, step.initial_state(), step.max_len)
+def run(runner, step: ExplicitCacheStep, n: int = 12) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens of PROMPT through ``runner``, and the logits each was chosen from."""
+    gen = ExportedGenerator(step.model, CharTokenizer(), step, runner, keep_logits=True)
+    return gen(PROMPT, n, stop_at_eos=False).new_ids[0], gen.logits
 
 
 def test_the_explicit_step_writes_the_generators_tokens_and_logits(tiny):
     model, tokenizer, step = tiny
     with torch.no_grad():
-        ours = run(step, step)
+        tokens, logits = run(step, step)
         reference = Generator(model, tokenizer)(PROMPT, 12, stop_at_eos=False).new_ids[0]
-        ids = torch.tensor([CharTokenizer().encode(PROMPT) + ours.tokens[:-1]])
+        ids = torch.tensor([CharTokenizer().encode(PROMPT) + tokens[:-1]])
         full = model(ids)[0, -12:]  # the whole sequence at once: the logits of each new token
-    assert ours.tokens == reference
-    assert torch.allclose(torch.stack(ours.logits), full, atol=1e-5, rtol=1e-5)
+    assert tokens == reference
+    assert torch.allclose(torch.stack(logits), full, atol=1e-5, rtol=1e-5)
 
 
 def test_the_explicit_step_leaves_its_inputs_alone(tiny):
@@ -53,8 +55,8 @@ def test_an_exported_step_round_trips_through_a_file(tiny, tmp_path):
     loaded = torch.export.load(tmp_path / "step.pt2").module()
     with torch.no_grad():
         eager, exported = run(step, step), run(loaded, step)
-    assert exported.tokens == eager.tokens
-    assert max(export.relative_error(a, b) for a, b in zip(exported.logits, eager.logits, strict=True)) < 1e-5
+    assert exported[0] == eager[0]
+    assert max(export.relative_error(a, b) for a, b in zip(exported[1], eager[1], strict=True)) < 1e-5
 
 
 def test_the_exported_full_forward_takes_any_length_in_its_range(tiny):
@@ -72,10 +74,10 @@ def test_onnxruntime_gives_pytorchs_logits_and_tokens(tiny, tmp_path):
     path = export.to_onnx(step, tmp_path / "step.onnx")
     with torch.no_grad():
         eager, onnx = run(step, step), run(OnnxStep(path), step)
-    assert onnx.tokens == eager.tokens
+    assert onnx[0] == eager[0]
     # fp32 in both, summed in another order by other kernels: a few units of float32's 1.2e-7 per
     # operation, grown over the layers; 1e-5 of the largest logit is far below the gap between tokens
-    worst = max(export.relative_error(a, b) for a, b in zip(onnx.logits, eager.logits, strict=True))
+    worst = max(export.relative_error(a, b) for a, b in zip(onnx[1], eager[1], strict=True))
     assert worst < 1e-5
 
 
@@ -95,19 +97,21 @@ def test_an_aotinductor_package_runs_the_step_without_the_model_code(tiny, tmp_p
     package = export.aoti_package(export.export_step(step), tmp_path / "step.pt2")
     with torch.no_grad():
         eager, compiled = run(step, step), run(export.load_aoti(package), step)
-    assert compiled.tokens == eager.tokens
-    assert max(export.relative_error(a, b) for a, b in zip(compiled.logits, eager.logits, strict=True)) < 1e-5
+    assert compiled[0] == eager[0]
+    assert max(export.relative_error(a, b) for a, b in zip(compiled[1], eager[1], strict=True)) < 1e-5
 
 
-def test_greedy_runs_say_what_is_wrong(tiny, tmp_path):
-    _, _, step = tiny
-    state = step.initial_state()
-    with pytest.raises(ValueError, match="need 40 cache positions; this step's cache has 32"):
-        greedy_run(step, list(range(3, 23)), 21, state, step.max_len)
-    with pytest.raises(ValueError, match="the prompt is empty"):
-        greedy_run(step, [], 4, state, step.max_len)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        greedy_run(step, [2], 0, state, step.max_len)
+def test_exported_generation_says_what_is_wrong(tiny, tmp_path):
+    model, tokenizer, step = tiny
+    gen = ExportedGenerator(model, tokenizer, step)
+    with pytest.raises(ValueError, match="need 41 cache positions; this step's cache has 32"):
+        gen(list(range(3, 23)), 21)
+    with pytest.raises(ValueError, match="runs 1 prompt\\(s\\) at a time, got 2"):
+        gen(["ab", "cd"], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen([], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        gen([2], 0)
     with pytest.raises(FileNotFoundError, match="no AOTInductor package"):
         export.load_aoti(tmp_path / "nothing.pt2")
 
@@ -138,5 +142,5 @@ def test_a_torchscript_trace_writes_the_same_tokens_and_says_its_standing(tiny):
         assert "no longer has TorchScript" in standing
         return
     with torch.no_grad():
-        assert run(traced, step).tokens == run(step, step).tokens
+        assert run(traced, step)[0] == run(step, step)[0]
     assert "deprecat" in standing.lower() or "no deprecation warning" in standing

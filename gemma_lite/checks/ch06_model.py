@@ -29,6 +29,16 @@ from .core import (
     randomize_norms,
 )
 
+LOGIT_TOLERANCE = 1e-5
+"""Real-weight logits agree within this share of the largest |logit|: fp32 keeps 7
+significant digits, and 18 layers summing in another order than the reference lose one
+or two of them, on small logits as on large ones alike."""
+
+
+def _real_logit_atol(ref: nn.Module, ids: torch.Tensor) -> float:
+    """LOGIT_TOLERANCE times the largest |logit| of ``ref`` on ``ids`` (about 1e-3 for Gemma 3 270M)."""
+    return LOGIT_TOLERANCE * float(ref(ids).abs().max())
+
 
 @contextlib.contextmanager
 def _patched(obj, attr: str, value):
@@ -96,6 +106,7 @@ def check_model(model_or_cls, reference: Gemma | None = None) -> str:
         mine = build_like(ref, model_or_cls, cfg)
         ids = torch.randint(0, cfg.vocab_size, (2, 20))
         what, done = "logits (tiny config, random weights)", "the tiny model's logits match gemma_lite.Gemma"
+        atol = 1e-4
     else:
         mine = model_or_cls.eval()
         if reference is None:
@@ -106,7 +117,8 @@ def check_model(model_or_cls, reference: Gemma | None = None) -> str:
             raise Mismatch(problem)
         ids = torch.randint(3, ref.cfg.vocab_size, (1, 40))
         what, done = "logits (real weights)", "every weight and the logits match the reference model"
-    compare_modules(mine, ref, (ids,), what, _model_causes(ref, ids), atol=1e-4, rtol=1e-4)
+        atol = _real_logit_atol(ref, ids)
+    compare_modules(mine, ref, (ids,), what, _model_causes(ref, ids), atol=atol, rtol=1e-4)
     return done
 
 
@@ -191,7 +203,7 @@ def _greedy_text(model: nn.Module, tokenizer, prompt: str, n: int) -> tuple[list
 def check_my_gemma(cls, load_fn: Callable, prompt: str = "The capital of France is") -> str:
     """The capstone: cls(cfg) loaded by load_fn(model, gguf) from the bundled weights is the reference model.
 
-    Weight by weight, then the logits of 40 random tokens within 1e-4 (fp32), naming the
+    Weight by weight, then the logits of 40 random tokens within 1e-5 of the largest one (fp32), naming the
     first layer whose output differs and whose piece it is; then both continue ``prompt``
     greedily and must choose the same tokens.
     """
@@ -206,8 +218,9 @@ def check_my_gemma(cls, load_fn: Callable, prompt: str = "The capital of France 
     if problem:
         raise Mismatch(f"{problem} (after your {getattr(load_fn, '__name__', 'loader')})")
     ids = torch.randint(3, cfg.vocab_size, (1, 40))
+    atol = _real_logit_atol(reference, ids)
     compare_modules(
-        mine, reference, (ids,), "logits (real weights, fp32)", _model_causes(reference, ids), atol=1e-4
+        mine, reference, (ids,), "logits (real weights, fp32)", _model_causes(reference, ids), atol=atol
     )
     new, text = _greedy_text(mine, tokenizer, prompt, 8)
     expected, _ = _greedy_text(reference, tokenizer, prompt, 8)
@@ -218,6 +231,6 @@ def check_my_gemma(cls, load_fn: Callable, prompt: str = "The capital of France 
     built = f"built from your {', '.join(yours)}" if yours else "built from the package's pieces only"
     rest = f"; the package's: {', '.join(theirs)}" if theirs and yours else ""
     return (
-        f"{built}{rest}. It loads the real weights, its logits match the reference within 1e-4, "
-        f"and it continues {prompt!r} with {text!r}"
+        f"{built}{rest}. It loads the real weights, its logits match the reference within 1e-5 of "
+        f"the largest logit, and it continues {prompt!r} with {text!r}"
     )
