@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import logging
 import platform
 import time
@@ -138,12 +139,13 @@ def export_forward(model: Gemma, max_len: int = 512, example_len: int = 8) -> to
 
 @contextlib.contextmanager
 def quiet(*loggers: str) -> Iterator[None]:
-    """Silence Python warnings and the named loggers' notes below ERROR while exporting."""
+    """Silence Python warnings, the named loggers' notes below ERROR, and what the exporters
+    print to stderr (graph dumps beside their errors) while exporting; errors still raise."""
     saved = {name: logging.getLogger(name).level for name in loggers}
     try:
         for name in loggers:
             logging.getLogger(name).setLevel(logging.ERROR)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

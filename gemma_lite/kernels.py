@@ -386,6 +386,8 @@ class KernelChoice:
         return (self.weight,)
 
     def current_kernel(self) -> str:
+        if torch.compiler.is_exporting():  # an exported graph holds PyTorch's own operations only
+            return next(iter(KERNELS[self.weight_format]))
         return self.compiled_kernel if torch.compiler.is_compiling() else self.eager_kernel
 
     def product(self, x: torch.Tensor) -> torch.Tensor:

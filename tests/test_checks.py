@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from helpers import fails, passes, tiny_model_for, todo
 
 from gemma_lite import checks
-from gemma_lite.checks import ch06_model
+from gemma_lite.checks import ch06_model, ch13_export
 from gemma_lite.config import GemmaConfig
 from gemma_lite.generate import Generator, StepGenerator, apply_repetition_penalty, filter_logits
 from gemma_lite.layers import (
@@ -759,3 +759,38 @@ def test_leave_one_out_gain_check_names_a_forgotten_hessian_weight(capsys):
         return leave_one_out_gain(w, torch.ones_like(d), bits)
 
     fails(checks.check_leave_one_out_gain(unweighted), capsys, "divide each squared error by d")
+
+
+# ---------------------------------------------------------------- chapter 13: export
+
+
+def test_branch_free_check_passes_torch_where_and_names_the_python_branch(capsys):
+    passes(checks.check_branch_free(lambda x: torch.where(x.max() > 10, x / 2, x)), capsys)
+    branch = ch13_export.halve_large_logits_by_branch
+    fails(checks.check_branch_free(branch), capsys, "choose with torch.where")
+
+    def always_halved(x):
+        return x / 2
+
+    fails(checks.check_branch_free(always_halved), capsys, "logits all below 10")
+
+
+def test_explicit_step_check_passes_the_package_step_and_names_an_input_written_in_place(capsys):
+    from gemma_lite.export import ExplicitCacheStep
+    from gemma_lite.generate import decode_step
+
+    passes(checks.check_explicit_step(ExplicitCacheStep), capsys)
+
+    class InPlace(ExplicitCacheStep):
+        def forward(self, token, input_pos, *state):
+            caches = [layer.over(*state[3 * i : 3 * i + 3]) for i, layer in enumerate(self.templates)]
+            logits = decode_step(self.model, token, input_pos, caches)
+            return (logits, *(t for cache in caches for t in cache.state()))
+
+    fails(checks.check_explicit_step(InPlace), capsys, "changed its input k0: write into copies")
+
+    class LogitsOnly(ExplicitCacheStep):
+        def forward(self, token, input_pos, *state):
+            return super().forward(token, input_pos, *state)[0]
+
+    fails(checks.check_explicit_step(LogitsOnly), capsys, "should return a tuple of")

@@ -144,3 +144,20 @@ def test_a_torchscript_trace_writes_the_same_tokens_and_says_its_standing(tiny):
     with torch.no_grad():
         assert run(traced, step)[0] == run(step, step)[0]
     assert "deprecat" in standing.lower() or "no deprecation warning" in standing
+
+
+def test_an_exported_step_holds_pytorchs_own_operations_whatever_kernels_the_model_chose(tiny):
+    from gemma_lite.kernels import KernelChoice
+
+    model, _, step = tiny
+    layers = [m for m in model.modules() if isinstance(m, KernelChoice)]
+    assert layers
+    for layer in layers:  # what optimize_for_decode may choose: the course's own operations
+        layer.eager_kernel, layer.compiled_kernel = "gemv", "reduce"
+    try:
+        program = export.export_step(step)
+    finally:
+        for layer in layers:
+            layer.eager_kernel = layer.compiled_kernel = "linear"
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "gemma_lite" in t], sorted(targets)  # aten operations and getitem

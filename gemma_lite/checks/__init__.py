@@ -17,7 +17,7 @@ Learner modules get the reference's (random) weights copied in by parameter
 name, so they must use the same names as ``gemma_lite.layers``.
 
 ``core`` holds the machinery; each chapter's checks live in their own module
-(``ch00_setup`` ... ``ch12_speculative``), and this package exports them all. A new
+(``ch00_setup`` ... ``ch13_export``), and this package exports them all. A new
 chapter adds a module and lists its checks below.
 """
 
@@ -73,6 +73,7 @@ from .ch11_quantization import (
     check_spqr_bits,
 )
 from .ch12_speculative import check_accept_chain, check_expected_speedup, check_tree_mask
+from .ch13_export import check_branch_free, check_explicit_step
 from .core import FAIL, PASS, TODO, CheckResult, Mismatch
 
 __all__ = [
@@ -91,6 +92,8 @@ __all__ = [
     "Mismatch",
     "capped_attention",
     "check_accept_chain",
+    "check_branch_free",
+    "check_explicit_step",
     "check_attention",
     "check_bf16_round",
     "check_block",
