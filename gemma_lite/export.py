@@ -364,17 +364,54 @@ def coreml_status() -> str:
 
 
 def to_coreml(program: torch.export.ExportedProgram, path: str | Path):
-    """Convert an exported step to a CoreML ML program (``.mlpackage``) with coremltools.
+    """Convert an exported step to a CoreML ML program (``.mlpackage``) with coremltools, in fp32.
 
-    Raises ``RuntimeError`` naming the operation coremltools cannot convert.
+    The program is first lowered to PyTorch's core ATen operations (``run_decompositions()``):
+    coremltools knows those, not every operation an exported graph starts with (the caches'
+    ``index_copy`` becomes an ``index_put``). Raises ``RuntimeError`` naming an operation
+    coremltools still cannot convert. Running the converted model needs macOS.
     """
     require("coreml")
-    import coremltools as ct
+    with quiet("coremltools"):  # its import notes: an untested torch version, no CoreML runtime off macOS
+        import coremltools as ct
 
     try:
         with quiet("coremltools"):
-            converted = ct.convert(program.run_decompositions({}), convert_to="mlprogram")
+            converted = ct.convert(
+                program.run_decompositions(), convert_to="mlprogram", compute_precision=ct.precision.FLOAT32
+            )
     except NotImplementedError as error:
         raise RuntimeError(f"coremltools {ct.__version__} cannot convert this step: {error}") from error
     converted.save(str(path))
     return converted
+
+
+class CoreMLStep:
+    """A step converted by ``to_coreml``, run by Core ML, called like ``ExplicitCacheStep``.
+
+    Core ML is part of Apple's systems: elsewhere this raises ``RuntimeError`` saying so.
+    The converted model's inputs are the step's, in order (``token``, ``input_pos``,
+    ``state_0`` ...), its outputs the logits and the new state, in order.
+    """
+
+    def __init__(self, converted):
+        if platform.system() != "Darwin":
+            raise RuntimeError("running a CoreML model needs macOS: Core ML is part of Apple's systems")
+        description = converted.get_spec().description
+        self.converted = converted
+        self.inputs = [(i.name, i.type.multiArrayType.dataType) for i in description.input]
+        self.outputs = [o.name for o in description.output]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        import coremltools as ct
+        import numpy as np
+
+        if len(args) != len(self.inputs):
+            raise ValueError(f"this CoreML step takes {len(self.inputs)} inputs, got {len(args)}")
+        int32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+        feeds = {
+            name: t.detach().cpu().numpy().astype(np.int32 if kind == int32 else np.float32)
+            for (name, kind), t in zip(self.inputs, args, strict=True)
+        }
+        out = self.converted.predict(feeds)
+        return [torch.from_numpy(np.asarray(out[name])) for name in self.outputs]

@@ -161,3 +161,23 @@ def test_an_exported_step_holds_pytorchs_own_operations_whatever_kernels_the_mod
             layer.eager_kernel = layer.compiled_kernel = "linear"
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "gemma_lite" in t], sorted(targets)  # aten operations and getitem
+
+
+def test_coreml_converts_the_step_and_runs_it_only_on_macos(tiny, tmp_path):
+    pytest.importorskip("coremltools")
+    import platform
+
+    _, _, step = tiny
+    converted = export.to_coreml(export.export_step(step), tmp_path / "step.mlpackage")
+    description = converted.get_spec().description
+    inputs, outputs = step.names()
+    assert [i.name for i in description.input][:2] == ["token", "input_pos"]
+    assert len(description.input) == len(inputs) and len(description.output) == len(outputs)
+    assert (tmp_path / "step.mlpackage").is_dir()
+    if platform.system() != "Darwin":
+        with pytest.raises(RuntimeError, match="needs macOS"):
+            export.CoreMLStep(converted)
+        assert "prediction skipped" in export.coreml_status()
+        return
+    coreml = export.CoreMLStep(converted)  # a Mac: the same tokens as PyTorch, fp32 on Core ML
+    assert run(coreml, step)[0] == run(step, step)[0]
