@@ -11,7 +11,8 @@ outputs. It keeps no Python state between calls, so the KV cache, which the
 package's generator writes in place, becomes explicit: each call receives the
 cache as tensors and returns the updated ones. ``ExplicitCacheStep`` is that
 function around the package's own ``decode_step`` and caches; every runner
-here (eager, exported, onnxruntime, an AOTInductor package, a TorchScript trace) takes
+here (eager, exported, onnxruntime, an AOTInductor package, a TorchScript trace,
+Core ML on macOS) takes
 ``(token (B, 1), input_pos (1,), *state)`` and returns ``(logits (B, V),
 *state)``, and ``ExportedGenerator`` drives any of them like the package's
 own generator.
@@ -230,7 +231,7 @@ class ExportedGenerator(Generator):
     ``run(token (B, 1), input_pos (1,), *state) -> (logits (B, V), *state)`` is the
     ``ExplicitCacheStep`` itself (the default) or any runner made from it: the
     module of its exported program, an ``OnnxStep``, an AOTInductor package, a
-    TorchScript trace. The prompt goes through the same one-token step, one
+    TorchScript trace, a ``CoreMLStep``. The prompt goes through the same one-token step, one
     position at a time, so one exported graph is all a deployment needs; the
     sampling, stopping and timing are ``Generator``'s, so the benchmark times
     every runner like the package's own modes.
