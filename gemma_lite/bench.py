@@ -170,8 +170,11 @@ def bench_ours(
     ``draft_len``, ``width``: the speculative modes' tokens per candidate and candidates per round.
     """
     generators = {} if generators is None else generators
-    max_len = Generator(model, tokenizer).cache_len(len(tokenizer.encode(prompt)) + new_tokens)
-    key = (mode, max_len) if mode in EXPORT_MODES else mode  # an exported step's cache has one size
+    max_len = 256
+    key = mode
+    if mode in EXPORT_MODES:  # an exported step's cache has one size: a generator per size
+        max_len = Generator(model, tokenizer).cache_len(len(tokenizer.encode(prompt)) + new_tokens)
+        key = (mode, max_len)
     with PeakMemory(device_of(model)) as mem:  # an export mode's build included: its own copy of the weights
         if key not in generators:
             generators[key] = make_generator(model, tokenizer, mode, draft_len, width, max_len)

@@ -373,16 +373,15 @@ def to_coreml(program: torch.export.ExportedProgram, path: str | Path):
     coremltools still cannot convert. Running the converted model needs macOS.
     """
     require("coreml")
-    with quiet("coremltools"):  # its import notes: an untested torch version, no CoreML runtime off macOS
+    with quiet("coremltools"):  # also its import notes: an untested torch version, no runtime off macOS
         import coremltools as ct
 
-    try:
-        with quiet("coremltools"):
+        try:
             converted = ct.convert(
                 program.run_decompositions(), convert_to="mlprogram", compute_precision=ct.precision.FLOAT32
             )
-    except NotImplementedError as error:
-        raise RuntimeError(f"coremltools {ct.__version__} cannot convert this step: {error}") from error
+        except NotImplementedError as error:
+            raise RuntimeError(f"coremltools {ct.__version__} cannot convert this step: {error}") from error
     converted.save(str(path))
     return converted
 

@@ -82,7 +82,7 @@ def check_explicit_step(cls) -> str:
     mine = cls(model, cache)
     if not isinstance(mine, nn.Module):
         raise Mismatch(f"{getattr(cls, '__name__', cls)}(model, cache) should build a torch.nn.Module")
-    _, names = ref.names()
+    input_names, names = ref.names()
     tokens = torch.randint(0, model.cfg.vocab_size, (14,))
     state = ref.initial_state()
     for position, token in enumerate(tokens.tolist()):
@@ -98,7 +98,7 @@ def check_explicit_step(cls) -> str:
         changed = [i for i, (a, b) in enumerate(zip(inputs, before, strict=True)) if not torch.equal(a, b)]
         if changed:
             raise Mismatch(
-                f"the step at position {position} changed its input {ref.names()[0][changed[0]]}: write into "
+                f"the step at position {position} changed its input {input_names[changed[0]]}: write into "
                 "copies (t.clone()) and return them; an exported graph's inputs are not its to change"
             )
         expected = ref(*inputs)

@@ -302,15 +302,19 @@ def compare_modules(
     what: str,
     causes: Sequence[Cause],
     *,
-    atol: float = 1e-5,
+    atol: float | Callable[[torch.Tensor], float] = 1e-5,
     rtol: float = 1e-4,
 ) -> None:
-    """Same output for the same ``args``; on a mismatch, name the first submodule that diverges."""
+    """Same output for the same ``args``; on a mismatch, name the first submodule that diverges.
+
+    ``atol`` may be a function of the reference's output (a tolerance scaled to its values).
+    """
+    expected = ref(*args)
     expect_close(
         mine(*args),
-        ref(*args),
+        expected,
         what,
-        atol=atol,
+        atol=atol(expected) if callable(atol) else atol,
         rtol=rtol,
         causes=causes,
         locate=lambda: _first_divergence(ref, mine, lambda: ref(*args), lambda: mine(*args)),
